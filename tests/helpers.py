@@ -1,0 +1,52 @@
+"""Small shared helpers for tests that run real processes and sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def loopback_env(**extra: str) -> dict[str, str]:
+    """An environment for a real engine on free loopback ports."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARI_", "RTP_", "HEALTH_", "AUDIO"))}
+    env.update({
+        "HEALTH_HOST": "127.0.0.1", "HEALTH_PORT": str(free_port()),
+        "RTP_HOST": "127.0.0.1", "RTP_PORT": str(free_port(socket.SOCK_DGRAM)),
+        "AUDIOSOCKET_HOST": "127.0.0.1", "AUDIOSOCKET_PORT": str(free_port()),
+        "ARI_URL": f"http://127.0.0.1:{free_port()}/ari", "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def wait_for_http(url: str, deadline_s: float = 20.0) -> tuple[int, Any]:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return http_get(url)
+        except (urllib.error.URLError, ConnectionError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

@@ -1,0 +1,3 @@
+from twisted_agent.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""ARI control plane: REST over treq, events over an Autobahn WebSocket, typed events."""

@@ -1,0 +1,1 @@
+"""Per-call sessions: the call registry, state machine, turn-taking, playback, barge-in."""

@@ -1,0 +1,129 @@
+"""The ``ai-agent`` command: ``check``, ``config``, ``demo``, ``models install``, ``version``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted_agent import __version__
+from twisted_agent.config import AgentConfig, ConfigError, describe, load_config, resolve_config_path
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    try:
+        return load_config(resolve_config_path(args.config, os.environ))
+    except ConfigError as e:
+        sys.stderr.write(f"ai-agent: {e}\n")
+        raise SystemExit(2) from None
+
+
+def _react(main: Any) -> int:
+    from twisted.internet import task
+
+    code: list[int] = []
+
+    async def body(reactor: Any) -> None:
+        code.append(await main(reactor))
+
+    from twisted.internet.defer import Deferred
+
+    try:
+        task.react(lambda reactor: Deferred.fromCoroutine(body(reactor)))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    return code[0] if code else 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from twisted_agent.check import FAIL, format_results, run_checks
+
+    config = _config(args)
+
+    async def main(reactor: Any) -> int:
+        results = await run_checks(config, reactor)
+        print(format_results(results))
+        return 1 if any(r.status == FAIL for r in results) else 0
+
+    return _react(main)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    config = _config(args)
+    print(f"# {config.path or 'no configuration file: defaults and environment'}")
+    rows = describe(config)
+    width = max(len(r[0]) for r in rows)
+    env_width = max(len(r[1]) for r in rows)
+    for key, env, value, source in rows:
+        print(f"{key:<{width}}  {env:<{env_width}}  {value!r:<40}  {source}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from twisted_agent.demo import run_demo
+
+    config = _config(args)
+    return _react(lambda reactor: run_demo(reactor, config, sys.stdout))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    sys.stderr.write(
+        "ai-agent: `models install` is not available in this version: the local pipeline is not built yet. "
+        "`make install-local` installs its libraries.\n")
+    return 2
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(__version__)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="ai-agent", description="twisted-agent: AI voice agent for Asterisk.")
+    top.add_argument("--version", action="version", version=__version__)
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    for name, handler, help_text in (
+        ("check", cmd_check, "validate the configuration and check ARI, ports, media directory and providers"),
+        ("config", cmd_config, "show the effective configuration, secrets masked, and where each value came from"),
+        ("demo", cmd_demo, "run the engine on loopback and show what it reports"),
+    ):
+        add(name, handler, help_text).add_argument(
+            "--config", "-c", default=None, help="YAML configuration file (default: $AI_AGENT_CONFIG, "
+            "else /etc/ai-agent/ai-agent.yaml if present)")
+    models = add("models", cmd_models, "manage local models")
+    models.add_argument("action", choices=["install"])
+    add("version", cmd_version, "print the version")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `ai-agent config | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    top = parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        top.print_help(sys.stderr)
+        return 2
+    args = top.parse_args(argv)
+    code: int = args.handler(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,610 @@
+"""One typed, validated configuration: YAML file, then environment overrides.
+
+The dataclasses below are the single source of truth. Every setting is a field whose metadata
+names its environment variable, its parser and its documentation; the loader walks them, so a
+setting cannot exist in one place and be forgotten in another. Each value remembers where it came
+from (default, file or environment), which ``ai-agent config`` and the admin UI show.
+
+A bad value raises :class:`ConfigError`, whose one-line text names the key, where the value came
+from and what is allowed; the command-line entry points print that line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import stat
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+from twisted_agent import settings as s
+
+DEFAULT_CONFIG_PATH = "/etc/ai-agent/ai-agent.yaml"
+CONFIG_PATH_ENV = "AI_AGENT_CONFIG"
+
+PROVIDER_NAMES = ("local", "deepgram", "openai_realtime")
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot be used. ``str()`` is the one line to show the user."""
+
+    def __init__(self, key: str, origin: str, problem: str, value: str | None = None) -> None:
+        self.key = key
+        self.origin = origin
+        self.problem = problem
+        self.value = value
+        shown = f" = {value!r}" if value is not None else ""
+        super().__init__(f"config error: {key} ({origin}){shown}: {problem}")
+
+
+def setting(
+    env: str,
+    default: Any,
+    parse: s.Parser,
+    doc: str,
+    *,
+    secret: bool = False,
+) -> Any:
+    """Declare one setting: its environment variable, default, parser and documentation.
+
+    ``secret`` settings are never read from the YAML file (only from the environment, or from a
+    file named by ``<ENV>_FILE`` or ``<key>_file`` that the service user can read) and are never
+    shown in full.
+    """
+    return field(default=default, metadata={"env": env, "parse": parse, "doc": doc, "secret": secret})
+
+
+@dataclass(frozen=True)
+class ARIConfig:
+    url: str = setting(
+        "ARI_URL", "http://127.0.0.1:8088/ari", s.http_url("/ari"),
+        "HTTP base URL of the Asterisk REST Interface, including /ari (http.conf bindaddr:bindport, prefix)")
+    username: str = setting("ARI_USERNAME", "ai-agent", s.nonempty_text, "ARI user, a section of ari.conf")
+    password: str = setting("ARI_PASSWORD", "", s.text, "ARI user's password (environment or file only)", secret=True)
+    app: str = setting(
+        "ARI_APP", "asterisk-ai-voice-agent", s.ari_app_name,
+        "Stasis application name; the dialplan must call Stasis() with the same name")
+    tls_ca_file: str = setting(
+        "ARI_TLS_CA_FILE", "", s.optional_certificates_file,
+        "PEM certificate(s) to trust for https:// and wss:// to Asterisk (empty = the system's trust store)")
+    request_timeout: float = setting(
+        "ARI_REQUEST_TIMEOUT", 10.0, s.number(0.1, 300), "seconds before an ARI REST request is abandoned")
+    reconnect_max_delay: float = setting(
+        "ARI_RECONNECT_MAX_DELAY", 30.0, s.number(1, 3600),
+        "upper bound, in seconds, of the back-off between ARI WebSocket reconnection attempts")
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    transport: str = setting(
+        "AUDIO_TRANSPORT", "externalmedia", s.choice("externalmedia", "audiosocket"),
+        "how caller audio reaches the engine: RTP via ExternalMedia (Asterisk 16.6+) or AudioSocket over TCP (18+)")
+    rtp_host: str = setting("RTP_HOST", "0.0.0.0", s.ip_address, "address the RTP (UDP) listener binds")
+    rtp_port: int = setting("RTP_PORT", 18080, s.port, "UDP port of the RTP listener")
+    advertise_host: str = setting(
+        "RTP_ADVERTISE_HOST", "", s.optional_ip_address,
+        "IP literal Asterisk sends media to (external_host); empty = the local address used to reach the ARI host")
+    audiosocket_host: str = setting(
+        "AUDIOSOCKET_HOST", "0.0.0.0", s.ip_address, "address the AudioSocket (TCP) listener binds")
+    audiosocket_port: int = setting("AUDIOSOCKET_PORT", 8090, s.port, "TCP port of the AudioSocket listener")
+    codec: str = setting(
+        "EXTERNAL_MEDIA_FORMAT", "ulaw", s.choice("ulaw", "alaw"),
+        "codec of the ExternalMedia RTP leg (static payload types work both ways)")
+    downstream_mode: str = setting(
+        "DOWNSTREAM_MODE", "file", s.choice("file", "stream"),
+        "how replies reach the caller: ARI file playback (robust) or streamed over the media leg (barge-in)")
+    media_dir: str = setting(
+        "MEDIA_DIR", "/var/lib/ai-agent/media", s.absolute_path,
+        "directory for reply files played through ARI; Asterisk must be able to read it")
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    host: str = setting("HEALTH_HOST", "127.0.0.1", s.host, "address of /health, /ready, /metrics and the admin UI")
+    port: int = setting("HEALTH_PORT", 15000, s.port, "TCP port of the web site")
+    admin_password_hash: str = setting(
+        "ADMIN_PASSWORD_HASH", "", s.text,
+        "password hash for the admin UI; the UI stays disabled while it is empty", secret=True)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    redis_url: str = setting(
+        "REDIS_URL", "", s.redis_url, "empty: in-memory store; redis://host:port/db: shared store for several engines")
+
+
+@dataclass(frozen=True)
+class CallsConfig:
+    default_provider: str = setting(
+        "AI_PROVIDER", "local", s.choice(*PROVIDER_NAMES),
+        "provider for calls without the AI_PROVIDER channel variable")
+    default_context: str = setting(
+        "AI_CONTEXT", "default", s.identifier, "context for calls without the AI_CONTEXT channel variable")
+    max_calls: int = setting(
+        "MAX_CALLS", 0, s.integer(0, 10000),
+        "calls this engine answers at once; further calls go back to the dialplan (0 = no limit)")
+    drain_timeout: float = setting(
+        "DRAIN_TIMEOUT", 60.0, s.number(0, 3600),
+        "seconds active calls get to finish after SIGTERM before they are ended")
+    fallback_context: str = setting(
+        "FALLBACK_CONTEXT", "", s.text,
+        "dialplan context for calls the engine will not take (draining, full); empty = next priority after Stasis()")
+    fallback_extension: str = setting("FALLBACK_EXTENSION", "", s.text, "extension in FALLBACK_CONTEXT (empty = same)")
+    fallback_priority: int = setting("FALLBACK_PRIORITY", 1, s.integer(1, 100000), "priority in FALLBACK_CONTEXT")
+
+
+@dataclass(frozen=True)
+class LocalProviderConfig:
+    stt_model: str = setting(
+        "WHISPER_MODEL", "tiny.en", s.nonempty_text,
+        "Whisper model name (installed by ai-agent models install) or path")
+    llm_backend: str = setting(
+        "LLM_BACKEND", "ollama", s.choice("ollama", "openai-compatible", "embedded"), "where the language model runs")
+    ollama_host: str = setting("OLLAMA_HOST", "http://127.0.0.1:11434", s.ollama_host, "Ollama server URL")
+    llm_model: str = setting(
+        "LLM_MODEL", "qwen2.5:0.5b", s.nonempty_text, "model name (Ollama tag, server model or GGUF path)")
+    tts_voice: str = setting("TTS_VOICE", "en_US-joe-medium", s.nonempty_text, "Piper voice name or .onnx path")
+
+
+@dataclass(frozen=True)
+class DeepgramConfig:
+    api_key: str = setting("DEEPGRAM_API_KEY", "", s.text, "Deepgram API key (environment or file only)", secret=True)
+
+
+@dataclass(frozen=True)
+class OpenAIRealtimeConfig:
+    api_key: str = setting("OPENAI_API_KEY", "", s.text, "OpenAI API key (environment or file only)", secret=True)
+    model: str = setting("OPENAI_REALTIME_MODEL", "gpt-realtime", s.nonempty_text, "OpenAI Realtime model")
+
+
+@dataclass(frozen=True)
+class ProvidersConfig:
+    local: LocalProviderConfig = field(default_factory=LocalProviderConfig)
+    deepgram: DeepgramConfig = field(default_factory=DeepgramConfig)
+    openai_realtime: OpenAIRealtimeConfig = field(default_factory=OpenAIRealtimeConfig)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = setting(
+        "LOG_FORMAT", "text", s.choice("text", "json"), "text, or JSON lines for journald (twistd --logger wins)")
+    level: str = setting("LOG_LEVEL", "info", s.log_level, "lowest level written by the JSON observer")
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """A conversation context, chosen per call with the AI_CONTEXT channel variable."""
+
+    greeting: str = "Hello, how can I help you?"
+    system_prompt: str = "You are a helpful, concise telephone assistant. Answer in one or two short sentences."
+    language: str = "en"
+    voice: str = ""
+    provider: str = ""
+
+
+CONTEXT_FIELDS: dict[str, s.Parser] = {
+    "greeting": s.text,
+    "system_prompt": s.nonempty_text,
+    "language": s.identifier,
+    "voice": s.text,
+    "provider": lambda raw: "" if not s.text(raw).strip() else s.choice(*PROVIDER_NAMES)(raw),
+}
+CONTEXT_ENV_PREFIX = "CONTEXT_"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    ari: ARIConfig = field(default_factory=ARIConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    calls: CallsConfig = field(default_factory=CallsConfig)
+    providers: ProvidersConfig = field(default_factory=ProvidersConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    contexts: Mapping[str, ContextConfig] = field(default_factory=lambda: {"default": ContextConfig()})
+    #: dotted key -> "default" | "file" | "environment" | "derived"
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    path: str | None = None
+    #: dotted key of a secret -> the file it was read from
+    secret_files: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def advertise_address(self) -> str:
+        """The address Asterisk is told to send media to (``external_host``'s host)."""
+        return self.media.advertise_host
+
+    def context(self, name: str) -> ContextConfig:
+        return self.contexts[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Introspection: the list of settings, used by the loader, `ai-agent config` and the docs test.
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    key: str  # dotted path, e.g. "ari.url"
+    env: str
+    default: Any
+    parse: s.Parser
+    doc: str
+    secret: bool
+
+
+def iter_settings(cls: type = AgentConfig, prefix: str = "") -> Iterator[SettingInfo]:
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if "env" in f.metadata:
+            yield SettingInfo(key, f.metadata["env"], f.default, f.metadata["parse"], f.metadata["doc"],
+                              f.metadata["secret"])
+        elif (section := _section_type(f)) is not None:
+            yield from iter_settings(section, key + ".")
+
+
+def _section_type(f: dataclasses.Field[Any]) -> type | None:
+    """The dataclass of a nested section (sections are built by their own default factory)."""
+    factory = f.default_factory
+    if not callable(factory):
+        return None
+    sample = factory()
+    return type(sample) if dataclasses.is_dataclass(sample) else None
+
+
+SETTINGS: tuple[SettingInfo, ...] = tuple(iter_settings())
+SETTINGS_BY_KEY = {info.key: info for info in SETTINGS}
+
+
+def setting_value(config: AgentConfig, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+AddressResolver = Callable[[str, int], str]
+
+
+def local_address_towards(host: str, port: int) -> str:
+    """The local IP the OS would use to reach ``host`` (a connected UDP socket sends nothing)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect(sockaddr)
+        return str(sock.getsockname()[0])
+
+
+def resolve_config_path(path: str | None, environ: Mapping[str, str]) -> str | None:
+    """--config wins, then $AI_AGENT_CONFIG, then /etc/ai-agent/ai-agent.yaml if it exists."""
+    if path:
+        return path
+    if environ.get(CONFIG_PATH_ENV):
+        return environ[CONFIG_PATH_ENV]
+    if os.path.exists(DEFAULT_CONFIG_PATH):
+        return DEFAULT_CONFIG_PATH
+    return None
+
+
+def load_config(
+    path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    resolve_address: AddressResolver = local_address_towards,
+) -> AgentConfig:
+    """Load the YAML file at ``path`` (if any), apply environment overrides, validate."""
+    env = dict(os.environ if environ is None else environ)
+    document, lines = _read_yaml(path) if path else ({}, {})
+    loader = _Loader(path, document, lines, env)
+    config = loader.build()
+    return _finish(config, loader, resolve_address)
+
+
+def _read_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]:
+    origin = f"file {path}"
+    try:
+        with open(path, encoding="utf-8") as stream:
+            source = stream.read()
+    except OSError as e:
+        raise ConfigError("--config", origin, f"cannot read the file: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("--config", origin, "the file is not UTF-8 text") from None
+    try:
+        node = yaml.compose(source, Loader=yaml.SafeLoader)
+        document = yaml.safe_load(source)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError("--config", origin, f"invalid YAML: {where}{problem}") from None
+    if document is None:
+        return {}, {}
+    if not isinstance(document, dict):
+        raise ConfigError("--config", origin, "the top level must be a mapping of sections (ari:, media:, ...)")
+    lines: dict[str, int] = {}
+    _collect_lines(node, "", lines)
+    return document, lines
+
+
+def _collect_lines(node: yaml.Node | None, prefix: str, lines: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            _collect_lines(value_node, key + ".", lines)
+
+
+class _Loader:
+    def __init__(self, path: str | None, document: dict[str, Any], lines: dict[str, int],
+                 environ: dict[str, str]) -> None:
+        self.path = path
+        self.document = document
+        self.lines = lines
+        self.environ = environ
+        self.sources: dict[str, str] = {}
+        self.secret_files: dict[str, str] = {}
+
+    def file_origin(self, key: str) -> str:
+        line = self.lines.get(key)
+        return f"file {self.path}" + (f", line {line}" if line else "")
+
+    def build(self) -> AgentConfig:
+        values = self._section(AgentConfig, self.document, "")
+        values["contexts"] = self._contexts()
+        return AgentConfig(**values, sources=self.sources, path=self.path, secret_files=self.secret_files)
+
+    def _section(self, cls: type, document: Any, prefix: str) -> dict[str, Any]:
+        where = prefix.rstrip(".")
+        if document is None:
+            document = {}
+        if not isinstance(document, dict):
+            raise ConfigError(where, self.file_origin(where), "expected a mapping of keys")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("sources", "path", "secret_files")}
+        allowed = set(fields)
+        for f in fields.values():
+            if f.metadata.get("secret"):
+                allowed.add(f.name + "_file")
+        for name in document:
+            if name not in allowed:
+                key = f"{prefix}{name}"
+                choices = ", ".join(sorted(n for n in allowed if not fields.get(n, f).metadata.get("secret")))
+                raise ConfigError(str(key), self.file_origin(str(key)), f"unknown key; allowed here: {choices}")
+        values: dict[str, Any] = {}
+        for name, f in fields.items():
+            key = f"{prefix}{name}"
+            if "env" in f.metadata:
+                values[name] = self._value(key, f, document)
+            elif (section := _section_type(f)) is not None:
+                values[name] = section(**self._section(section, document.get(name), key + "."))
+        return values
+
+    def _value(self, key: str, f: dataclasses.Field[Any], document: dict[str, Any]) -> Any:
+        meta = f.metadata
+        env_name: str = meta["env"]
+        name = key.rsplit(".", 1)[-1]
+        raw: Any
+        if meta["secret"]:
+            if name in document:
+                raise ConfigError(key, self.file_origin(key),
+                                  f"secrets are not read from the config file; set {env_name} in the environment "
+                                  f"(e.g. systemd EnvironmentFile=) or point {name}_file / {env_name}_FILE at a file")
+            # An empty NAME= (a template line left in an EnvironmentFile) must not hide NAME_FILE.
+            if self.environ.get(env_name):
+                origin, raw = "environment", self.environ[env_name]
+            elif env_name + "_FILE" in self.environ:
+                origin = "environment"
+                path = self.environ[env_name + "_FILE"]
+                raw = _read_secret_file(env_name + "_FILE", origin, path)
+                self.secret_files[key] = path
+            elif name + "_file" in document:
+                origin = self.file_origin(f"{key}_file")
+                path = s.text(document[name + "_file"])
+                raw = _read_secret_file(f"{key}_file", origin, path)
+                self.secret_files[key] = path
+            elif env_name in self.environ:
+                origin, raw = "environment", ""
+            else:
+                self.sources[key] = "default"
+                return f.default
+        elif env_name in self.environ:
+            origin, raw = "environment", self.environ[env_name]
+        elif name in document:
+            origin, raw = self.file_origin(key), document[name]
+        else:
+            self.sources[key] = "default"
+            return f.default
+        try:
+            value = meta["parse"](raw)
+        except ValueError as e:
+            shown = None if meta["secret"] else _shown(raw)
+            raise ConfigError(_display_key(key, env_name, origin), origin, str(e), shown) from None
+        self.sources[key] = "environment" if origin == "environment" else "file"
+        return value
+
+    def _contexts(self) -> dict[str, ContextConfig]:
+        document = self.document.get("contexts")
+        if document is None:
+            document = {}
+        if not isinstance(document, dict):
+            raise ConfigError("contexts", self.file_origin("contexts"),
+                              "expected a mapping of context names to their settings")
+        raw: dict[str, dict[str, tuple[Any, str]]] = {}
+        for name, body in document.items():
+            key = f"contexts.{name}"
+            try:
+                s.identifier(name)
+            except ValueError as e:
+                raise ConfigError(key, self.file_origin(key), f"bad context name: {e}") from None
+            if body is None:
+                body = {}
+            if not isinstance(body, dict):
+                raise ConfigError(key, self.file_origin(key), "expected a mapping of context settings")
+            entries = raw.setdefault(str(name), {})
+            for field_name, value in body.items():
+                fkey = f"{key}.{field_name}"
+                if field_name not in CONTEXT_FIELDS:
+                    raise ConfigError(fkey, self.file_origin(fkey),
+                                      "unknown key; allowed here: " + ", ".join(CONTEXT_FIELDS))
+                entries[field_name] = (value, self.file_origin(fkey))
+        for env_name, value in self.environ.items():
+            parsed = _context_env(env_name)
+            if parsed is None:
+                continue
+            env_context, field_name = parsed
+            name = next((n for n in raw if _env_token(n) == env_context), env_context.lower())
+            raw.setdefault(name, {})[field_name] = (value, "environment")
+        contexts: dict[str, ContextConfig] = {}
+        for name, entries in raw.items():
+            values: dict[str, Any] = {}
+            for field_name, (value, origin) in entries.items():
+                fkey = f"contexts.{name}.{field_name}"
+                try:
+                    values[field_name] = CONTEXT_FIELDS[field_name](value)
+                except ValueError as e:
+                    env_name = f"{CONTEXT_ENV_PREFIX}{_env_token(name)}_{field_name.upper()}"
+                    raise ConfigError(_display_key(fkey, env_name, origin), origin, str(e), _shown(value)) from None
+                self.sources[fkey] = "environment" if origin == "environment" else "file"
+            contexts[name] = ContextConfig(**values)
+        if "default" not in contexts:
+            contexts["default"] = ContextConfig()
+        return contexts
+
+
+def _read_secret_file(key: str, origin: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return stream.read().strip()
+    except OSError as e:
+        raise ConfigError(key, origin, f"cannot read the secret file {path}: {e.strerror or e}") from None
+
+
+def secret_file_is_private(path: str) -> bool:
+    """True when no one but the owner (and group) can read the file."""
+    return not (os.stat(path).st_mode & stat.S_IROTH)
+
+
+def _shown(raw: Any) -> str:
+    if isinstance(raw, str):
+        return raw
+    return yaml.safe_dump(raw, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _display_key(key: str, env_name: str, origin: str) -> str:
+    return env_name if origin == "environment" else key
+
+
+def _env_token(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+
+
+def _context_env(env_name: str) -> tuple[str, str] | None:
+    """CONTEXT_<NAME>_<FIELD> -> (NAME, field); field names are matched from the end."""
+    if not env_name.startswith(CONTEXT_ENV_PREFIX):
+        return None
+    rest = env_name[len(CONTEXT_ENV_PREFIX):]
+    for field_name in CONTEXT_FIELDS:
+        suffix = "_" + field_name.upper()
+        if rest.endswith(suffix) and len(rest) > len(suffix):
+            return rest[: -len(suffix)], field_name
+    return None
+
+
+def _finish(config: AgentConfig, loader: _Loader, resolve_address: AddressResolver) -> AgentConfig:
+    """Cross-field rules and derived values."""
+    sources = loader.sources
+
+    def origin_of(key: str) -> str:
+        source = sources.get(key, "default")
+        if source == "environment":
+            return "environment"
+        if source == "file":
+            return loader.file_origin(key)
+        return "default"
+
+    def fail(key: str, problem: str) -> ConfigError:
+        info = SETTINGS_BY_KEY[key]
+        origin = origin_of(key)
+        shown = None if info.secret else s.text(setting_value(config, key))
+        return ConfigError(_display_key(key, info.env, origin), origin, problem, shown)
+
+    calls = config.calls
+    if calls.default_context not in config.contexts:
+        raise fail("calls.default_context",
+                   "no such context; defined: " + ", ".join(sorted(config.contexts)))
+    media = config.media
+    web = config.web
+    if media.transport == "audiosocket" and _same_listener(media.audiosocket_host, media.audiosocket_port,
+                                                           web.host, web.port):
+        raise fail("media.audiosocket_port", f"the web site already listens on {web.host}:{web.port}")
+    if media.advertise_host in ("0.0.0.0", "::"):
+        raise fail("media.advertise_host",
+                   "Asterisk cannot send media to a wildcard address; give this machine's IP as Asterisk sees it")
+
+    derived_media = media
+    if not media.advertise_host:
+        ari = urlsplit(config.ari.url)
+        ari_host = ari.hostname or "127.0.0.1"
+        try:
+            address = resolve_address(ari_host, ari.port or (443 if ari.scheme == "https" else 80))
+        except OSError as e:
+            raise ConfigError(
+                "RTP_ADVERTISE_HOST", "derived from ARI_URL",
+                f"cannot find the local address that reaches {ari_host} ({e.strerror or e}); "
+                "set RTP_ADVERTISE_HOST to this machine's IP as Asterisk sees it") from None
+        derived_media = dataclasses.replace(media, advertise_host=s.ip_address(address))
+        sources["media.advertise_host"] = "derived"
+    return dataclasses.replace(config, media=derived_media, sources=dict(sources))
+
+
+def _same_listener(host_a: str, port_a: int, host_b: str, port_b: int) -> bool:
+    if port_a != port_b:
+        return False
+    wildcard = {"0.0.0.0", "::"}
+    return host_a == host_b or host_a in wildcard or host_b in wildcard
+
+
+# ---------------------------------------------------------------------------------------------
+# Showing the effective configuration
+
+
+def mask(value: Any) -> str:
+    """Show that a secret is set without showing it."""
+    text = s.text(value)
+    if not text:
+        return ""
+    return "****" + (text[-2:] if len(text) >= 12 else "")
+
+
+def mask_url_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":****@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def describe(config: AgentConfig) -> list[tuple[str, str, str, str]]:
+    """(key, environment variable, shown value, source) for every setting, secrets masked."""
+    rows = []
+    for info in SETTINGS:
+        value = setting_value(config, info.key)
+        if info.secret:
+            shown = mask(value)
+        elif info.key == "store.redis_url":
+            shown = mask_url_password(value)
+        else:
+            shown = s.text(value)
+        rows.append((info.key, info.env, shown, config.sources.get(info.key, "default")))
+    for name, context in sorted(config.contexts.items()):
+        for field_name in CONTEXT_FIELDS:
+            key = f"contexts.{name}.{field_name}"
+            env_name = f"{CONTEXT_ENV_PREFIX}{_env_token(name)}_{field_name.upper()}"
+            rows.append((key, env_name, s.text(getattr(context, field_name)), config.sources.get(key, "default")))
+    return rows

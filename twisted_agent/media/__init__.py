@@ -1,0 +1,1 @@
+"""Media plane: RTP (UDP) and AudioSocket (TCP) endpoints, codecs, pacing, VAD."""

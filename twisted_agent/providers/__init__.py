@@ -1,0 +1,1 @@
+"""Conversation providers: local pipeline (STT, LLM, TTS), Deepgram Voice Agent, OpenAI Realtime."""

@@ -1,0 +1,1 @@
+"""Session and call-history store: in memory (default) or Redis (txredisapi)."""

@@ -1,0 +1,1 @@
+"""The engine's web site: /health, /live, /ready; later /metrics and the admin UI."""
