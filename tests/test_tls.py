@@ -37,29 +37,30 @@ def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
+def _certificate(subject: str, key: Any, issuer: x509.Name, signer: Any, serial: int,
+                 extension: Any) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    return (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer)
+            .public_key(key.public_key()).serial_number(serial)
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(extension, critical=isinstance(extension, x509.BasicConstraints))
+            .sign(signer, hashes.SHA256()))
+
+
+def _ca(subject: str, serial: int) -> tuple[Any, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    constraints = x509.BasicConstraints(ca=True, path_length=None)
+    return key, _certificate(subject, key, _name(subject), key, serial, constraints)
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: Any) -> dict[str, Any]:
     """A private CA and a server certificate for 127.0.0.1, as an Asterisk admin would make."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(_name("Test PBX CA")).issuer_name(_name("Test PBX CA"))
-          .public_key(ca_key.public_key()).serial_number(1)
-          .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca_key, ca = _ca("Test PBX CA", 1)
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(_name("pbx")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(2)
-            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    other_key = ec.generate_private_key(ec.SECP256R1())
-    other_ca = (x509.CertificateBuilder().subject_name(_name("Other CA")).issuer_name(_name("Other CA"))
-                .public_key(other_key.public_key()).serial_number(3)
-                .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(other_key, hashes.SHA256()))
+    cert = _certificate("pbx", key, ca.subject, ca_key, 2,
+                        x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]))
+    _, other_ca = _ca("Other CA", 3)
     directory: Path = tmp_path_factory.mktemp("pki")
     ca_file = directory / "ca.pem"
     ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))

@@ -38,20 +38,20 @@ def _local(config: AgentConfig) -> ProviderReadiness:
         implemented=False)
 
 
-def _deepgram(config: AgentConfig) -> ProviderReadiness:
-    if not config.providers.deepgram.api_key:
-        return ProviderReadiness("deepgram", False, "DEEPGRAM_API_KEY is not set",
-                                 "set DEEPGRAM_API_KEY in the service's EnvironmentFile", implemented=False)
-    return ProviderReadiness("deepgram", False, "Deepgram Voice Agent adapter is not built yet",
+def _cloud(name: str, title: str, key_env: str, api_key: str) -> ProviderReadiness:
+    if not api_key:
+        return ProviderReadiness(name, False, f"{key_env} is not set",
+                                 f"set {key_env} in the service's EnvironmentFile", implemented=False)
+    return ProviderReadiness(name, False, f"{title} adapter is not built yet",
                              "API key present; nothing to do until the adapter lands", implemented=False)
+
+
+def _deepgram(config: AgentConfig) -> ProviderReadiness:
+    return _cloud("deepgram", "Deepgram Voice Agent", "DEEPGRAM_API_KEY", config.providers.deepgram.api_key)
 
 
 def _openai_realtime(config: AgentConfig) -> ProviderReadiness:
-    if not config.providers.openai_realtime.api_key:
-        return ProviderReadiness("openai_realtime", False, "OPENAI_API_KEY is not set",
-                                 "set OPENAI_API_KEY in the service's EnvironmentFile", implemented=False)
-    return ProviderReadiness("openai_realtime", False, "OpenAI Realtime adapter is not built yet",
-                             "API key present; nothing to do until the adapter lands", implemented=False)
+    return _cloud("openai_realtime", "OpenAI Realtime", "OPENAI_API_KEY", config.providers.openai_realtime.api_key)
 
 
 CHECKS: dict[str, Callable[[AgentConfig], ProviderReadiness]] = {
