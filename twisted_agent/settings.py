@@ -111,6 +111,21 @@ def ip_address(raw: Any) -> str:
         raise ValueError("expected an IP address literal such as 0.0.0.0, 127.0.0.1 or ::") from None
 
 
+def network_list(raw: Any) -> tuple[str, ...]:
+    """Comma- or space-separated IP addresses or CIDR networks (a YAML list works too); empty = none."""
+    items = raw if isinstance(raw, list) else re.split(r"[,\s]+", text(raw).strip())
+    networks = []
+    for item in items:
+        item = text(item).strip()
+        if not item:
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network; expected e.g. 10.0.0.5, 10.0.0.0/24") from None
+    return tuple(networks)
+
+
 def optional_ip_address(raw: Any) -> str:
     if not text(raw).strip():
         return ""
