@@ -56,7 +56,7 @@ def rss_kib() -> int:
 # --- the engine -----------------------------------------------------------------------------------
 
 
-def run_engine(calls: int, ports: list[int], seconds: float) -> None:
+def run_engine(calls: int, ports: list[int], seconds: float, pacing: str) -> None:
     import dataclasses
     import math
 
@@ -65,12 +65,18 @@ def run_engine(calls: int, ports: list[int], seconds: float) -> None:
 
     from twisted_agent.config import load_config
     from twisted_agent.media.interfaces import IMediaConsumer
+    from twisted_agent.media.pacer import Pacer
     from twisted_agent.media.service import MediaService
 
     @implementer(IMediaConsumer)
     class Counter:
+        """The call engine's stand-in: counts what arrives and keeps the agent talking."""
+
         frames = 0
         speech = 0
+
+        def __init__(self) -> None:
+            self.session: Any = None
 
         def audio_received(self, frame: bytes) -> None:
             Counter.frames += 1
@@ -82,7 +88,7 @@ def run_engine(calls: int, ports: list[int], seconds: float) -> None:
             pass
 
         def utterance_sent(self, utterance_id: str, ms: int) -> None:
-            pass
+            self.session.play(reply, 8000, utterance_id + "+")
 
         def dtmf_received(self, digit: str) -> None:
             pass
@@ -95,21 +101,29 @@ def run_engine(calls: int, ports: list[int], seconds: float) -> None:
     service = MediaService(reactor, media)
     service.privilegedStartService()
     rss_before = rss_kib()
-    counter = Counter()
     reply = struct.pack("<8000h", *(int(6000 * math.sin(2 * math.pi * 300 * i / 8000)) for i in range(8000)))
     sessions = []
+    timers = []
     for n, port in enumerate(ports):
+        if pacing == "per-call":  # the alternative design: one timer per call, its phase random
+            service.pacer = Pacer(reactor, phases=1)
+            timers.append((service.pacer, random.random() * 0.02))
         session = service.create_session(f"call-{n}")
+        counter = Counter()
+        counter.session = session
         session.set_consumer(counter)
         session.bind_peer("127.0.0.1", port)
-        for _ in range(int(seconds) + 3):  # keep talking for the whole run
-            session.play(reply, 8000, f"reply-{n}")
+        # two 1 s replies queued; each one sent queues another, so the agent talks all the time
+        session.play(reply, 8000, f"reply-{n}")
+        session.play(reply, 8000, f"reply-{n}-b")
         sessions.append(session)
     bound = service.bound_address()
     assert bound is not None
     print(json.dumps({"engine_port": bound[1]}), flush=True)
     sys.stdin.readline()  # the generator is ready
     service.startService()
+    for timer, phase in timers:
+        reactor.callLater(phase, timer.start)
     errors_before = udp_rcvbuf_errors()
     cpu_before, wall_before = cpu_seconds(), time.monotonic()
 
@@ -127,6 +141,7 @@ def run_engine(calls: int, ports: list[int], seconds: float) -> None:
             "p99_ms": lateness.percentile_ms(0.99),
             "max_ms": round(lateness.maximum * 1000, 2),
             "frames_out": lateness.count,
+            "packets_out": sum(s["packets_out"] for s in stats),
             "packets_in": sum(s["packets_in"] for s in stats),
             "lost": sum(s["lost"] for s in stats),
             "late": sum(s["late"] for s in stats),
@@ -165,20 +180,24 @@ def run_generator(calls: int, seconds: float) -> None:
     header = struct.Struct("!BBHII")
     received = 0
     sent = 0
+    # Calls start at random times on a real PBX, so each channel's 20 ms rhythm has its own phase:
+    # the period is cut into 1 ms slots and each call sends in its own slot.
+    slots = 20
     start = time.monotonic()
-    tick = 0
+    step = 0  # 1 ms steps
     while True:
-        deadline = start + tick * 0.02
+        deadline = start + step * 0.001
         now = time.monotonic()
         if now >= deadline:
             if now - start >= seconds:
                 break
+            tick, slot = divmod(step, slots)
             payload = loud if (tick // 50) % 2 == 0 else quiet
-            for n, sock in enumerate(sockets):
-                sock.sendto(header.pack(0x80, 0, tick & 0xFFFF, (160 * tick) & 0xFFFFFFFF, ssrcs[n]) + payload,
-                            target)
-            sent += len(sockets)
-            tick += 1
+            for n in range(slot, len(sockets), slots):
+                sockets[n].sendto(header.pack(0x80, 0, tick & 0xFFFF, (160 * tick) & 0xFFFFFFFF, ssrcs[n]) + payload,
+                                  target)
+                sent += 1
+            step += 1
             continue
         for key, _ in selector.select(timeout=max(0.0, deadline - time.monotonic())):
             sock = key.fileobj  # type: ignore[assignment]
@@ -200,12 +219,12 @@ def pinned(core: int, argv: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
-def measure(calls: int, seconds: float) -> dict[str, Any]:
+def measure(calls: int, seconds: float, pacing: str) -> dict[str, Any]:
     me = [sys.executable, os.path.abspath(__file__)]
     generator = pinned(GENERATOR_CORE, [*me, "generator", str(calls), str(seconds)])
     assert generator.stdout is not None and generator.stdin is not None
     ports = json.loads(generator.stdout.readline())["ports"]
-    engine = pinned(ENGINE_CORE, [*me, "engine", str(calls), str(seconds)])
+    engine = pinned(ENGINE_CORE, [*me, "engine", str(calls), str(seconds), pacing])
     assert engine.stdout is not None and engine.stdin is not None
     engine.stdin.write(json.dumps(ports) + "\n")
     engine.stdin.flush()
@@ -220,6 +239,7 @@ def measure(calls: int, seconds: float) -> dict[str, Any]:
     generator.wait(30)
     result.update(generated)
     result["inbound_loss"] = generated["sent"] - result["packets_in"]
+    result["outbound_expected"] = int(calls * seconds * 50)
     return result
 
 
@@ -227,19 +247,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", default="50,100,200,300,400,500,600,700,800")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--pacing", choices=["shared", "per-call"], default="shared",
+                        help="one shared pacer (the engine's design) or one timer per call (for comparison)")
     args = parser.parse_args()
     print(f"media capacity: engine on core {ENGINE_CORE}, load generator on core {GENERATOR_CORE}, "
-          f"{args.seconds:g} s per step, python {sys.version.split()[0]}, {os.cpu_count()} cores")
+          f"{args.seconds:g} s per step, {args.pacing} pacing, python {sys.version.split()[0]}, "
+          f"{os.cpu_count()} cores")
     print(f"{'calls':>6} {'cpu%':>6} {'p50ms':>6} {'p99ms':>6} {'maxms':>7} {'sent':>8} {'in':>8} {'loss':>6} "
-          f"{'kdrop':>6} {'rss MiB':>8} {'KiB/call':>9} {'ok':>3}")
+          f"{'kdrop':>6} {'out':>8} {'back':>8} {'vad on':>7} {'rss MiB':>8} {'KiB/call':>9} {'ok':>3}")
     best = 0
     for calls in [int(c) for c in args.calls.split(",")]:
-        r = measure(calls, args.seconds)
+        r = measure(calls, args.seconds, args.pacing)
         ok = r["p99_ms"] <= P99_LIMIT_MS and r["inbound_loss"] == 0 and r["lost"] == 0
         if ok:
             best = max(best, calls)
         print(f"{calls:>6} {r['cpu_percent']:>6} {r['p50_ms']:>6.2f} {r['p99_ms']:>6.2f} {r['max_ms']:>7.2f} "
               f"{r['sent']:>8} {r['packets_in']:>8} {r['inbound_loss']:>6} {r['rcvbuf_errors']:>6} "
+              f"{r['packets_out']:>8} {r['received']:>8} {r['speech_starts']:>7} "
               f"{r['rss_mib']:>8} {r['rss_per_call_kib']:>9} {'yes' if ok else 'no':>3}", flush=True)
     print(f"calls per core (p99 send lateness <= {P99_LIMIT_MS:g} ms, zero inbound loss): {best}")
 
@@ -247,7 +271,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "engine":
         ports_line = sys.stdin.readline()
-        run_engine(int(sys.argv[2]), json.loads(ports_line), float(sys.argv[3]))
+        run_engine(int(sys.argv[2]), json.loads(ports_line), float(sys.argv[3]), sys.argv[4])
     elif len(sys.argv) > 1 and sys.argv[1] == "generator":
         run_generator(int(sys.argv[2]), float(sys.argv[3]))
     else:

@@ -44,6 +44,13 @@ class Rig:
         return protocol, transport
 
 
+def connected(rig: Rig) -> tuple[AudioSocketProtocol, StringTransport]:
+    """A connection from Asterisk that has named CALL_UUID."""
+    protocol, transport = rig.connect()
+    protocol.dataReceived(framing.encode_frame(framing.UUID, CALL_UUID.bytes))
+    return protocol, transport
+
+
 def frames_written(transport: StringTransport) -> list[tuple[int, bytes]]:
     return framing.AudioSocketDecoder().feed(transport.value())
 
@@ -74,8 +81,7 @@ def test_dtmf_and_hangup_frame():
 def test_connection_loss_tells_the_consumer():
     rig = Rig()
     session, recorder = rig.session()
-    protocol, transport = rig.connect()
-    protocol.dataReceived(framing.encode_frame(framing.UUID, CALL_UUID.bytes))
+    protocol, transport = connected(rig)
     protocol.connectionLost()
     assert recorder.events == [("media_closed", "connection closed")]
 
@@ -109,8 +115,7 @@ def test_silent_connection_is_closed_after_the_uuid_timeout():
 def test_outbound_audio_is_paced_in_frames_of_the_session_kind():
     rig = Rig()
     session, recorder = rig.session()
-    protocol, transport = rig.connect()
-    protocol.dataReceived(framing.encode_frame(framing.UUID, CALL_UUID.bytes))
+    protocol, transport = connected(rig)
     session.play(tone(100), 8000, "hi")
     rig.clock.advance(0.02)
     rig.clock.advance(0.02)
@@ -139,8 +144,7 @@ def test_slin16_session_sends_and_receives_16khz():
 def test_close_sends_hangup_and_forgets_the_uuid():
     rig = Rig()
     session, _ = rig.session()
-    protocol, transport = rig.connect()
-    protocol.dataReceived(framing.encode_frame(framing.UUID, CALL_UUID.bytes))
+    protocol, transport = connected(rig)
     session.close()
     assert frames_written(transport)[-1] == (framing.HANGUP, b"")
     assert transport.disconnecting

@@ -31,36 +31,32 @@ def test_ticks_on_deadlines_from_the_start_not_from_the_last_tick():
     assert len(client.seen) == 51
 
 
-def test_overdue_ticks_are_caught_up_with_their_lateness():
+def one_client(**options: int) -> tuple[Clock, Pacer, Ticks]:
     clock = Clock()
-    pacer = Pacer(clock)
+    pacer = Pacer(clock, **options)
     client = Ticks()
     pacer.add(client)
     pacer.start()
     clock.advance(0)
+    return clock, pacer, client
+
+
+def test_overdue_ticks_are_caught_up_with_their_lateness():
+    clock, pacer, client = one_client()
     clock.advance(0.065)  # the reactor was busy for 65 ms
     assert [i for i, _, _ in client.seen] == [0, 1, 2, 3]
     assert [round(now - deadline, 3) for _, deadline, now in client.seen[1:]] == [0.045, 0.025, 0.005]
 
 
 def test_too_far_behind_skips_ahead_and_counts():
-    clock = Clock()
-    pacer = Pacer(clock, max_catch_up=5)
-    client = Ticks()
-    pacer.add(client)
-    pacer.start()
-    clock.advance(0)
+    clock, pacer, client = one_client(max_catch_up=5)
     clock.advance(1.0)
     assert pacer.skipped == 45  # ticks 1..45; 46..50 still run
     assert [i for i, _, _ in client.seen][-5:] == [46, 47, 48, 49, 50]
 
 
 def test_remove_and_stop():
-    clock = Clock()
-    pacer = Pacer(clock)
-    client = Ticks()
-    pacer.add(client)
-    pacer.start()
+    clock, pacer, client = one_client()
     clock.advance(0.02)
     pacer.remove(client)
     clock.advance(0.1)
@@ -109,3 +105,24 @@ def test_lateness_percentiles():
     assert histogram.percentile_ms(0.5) == pytest.approx(0.25)
     assert histogram.percentile_ms(0.99) == pytest.approx(4.25)
     assert histogram.summary()["max_ms"] == 200.0
+
+
+def test_calls_are_spread_over_phase_slots():
+    clock = Clock()
+    pacer = Pacer(clock, phases=4)
+    clients = [Ticks() for _ in range(8)]
+    for client in clients:
+        pacer.add(client)
+    pacer.start()
+    clock.advance(0)
+    for _ in range(20):
+        clock.advance(0.005)
+    offsets = sorted({round(c.seen[0][1], 4) for c in clients})
+    assert offsets == [0.0, 0.005, 0.01, 0.015], "two calls per 5 ms slot"
+    for client in clients:
+        assert [i for i, _, _ in client.seen][:5] == [0, 1, 2, 3, 4]
+        gaps = {round(b[1] - a[1], 6) for a, b in zip(client.seen, client.seen[1:], strict=False)}
+        assert gaps == {0.02}, "each call keeps its own 20 ms rhythm"
+    pacer.remove(clients[0])
+    pacer.add(Ticks())  # refills the emptied slot
+    assert len(pacer) == 8

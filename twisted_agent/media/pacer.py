@@ -6,8 +6,10 @@ and several ticks are overdue, every session gets each overdue tick (its audio k
 time, the receiver's jitter buffer absorbs the burst); beyond ``max_catch_up`` ticks the pacer
 skips ahead and counts the skipped ticks.
 
-One shared timer measured better than a ``LoopingCall`` per call: one wake-up per 20 ms instead of
-N, and every call's packets go out in one burst (see BENCHMARKS.md, media capacity).
+One shared timer measured better than a ``LoopingCall`` per call. Calls are spread over ``phases``
+slots of the 20 ms period (call *n*'s frames are due at ``start + slot * 20/phases ms + k * 20 ms``),
+so each wake-up sends a fraction of the calls' packets: with every call in one slot, the 500th
+packet of a tick leaves ~5 ms after the first (see BENCHMARKS.md, media capacity).
 """
 
 from __future__ import annotations
@@ -67,14 +69,18 @@ class LatenessHistogram:
 
 
 class Pacer:
-    def __init__(self, clock: IReactorTime, interval: float = FRAME_SECONDS, max_catch_up: int = 10) -> None:
+    def __init__(self, clock: IReactorTime, interval: float = FRAME_SECONDS, max_catch_up: int = 10,
+                 phases: int = 4) -> None:
         self._clock = clock
         self.interval = interval
+        self.phases = phases
+        self._step = interval / phases
         self.max_catch_up = max_catch_up
-        self._clients: dict[int, Paced] = {}
+        self._slots: list[dict[int, Paced]] = [{} for _ in range(phases)]
+        self._slot_of: dict[int, int] = {}
         self._call: IDelayedCall | None = None
         self._start = 0.0
-        self.index = 0  # the next tick to run
+        self._next = 0  # the next step (a phase of a tick) to run
         self.ticks = 0
         self.skipped = 0
         self.wakeups = 0
@@ -83,19 +89,35 @@ class Pacer:
     def running(self) -> bool:
         return self._call is not None
 
+    def seconds(self) -> float:
+        """Now, on the pacer's clock: sessions stamp each frame as it leaves."""
+        return self._clock.seconds()
+
     def add(self, client: Paced) -> None:
-        self._clients[id(client)] = client
+        key = id(client)
+        if key in self._slot_of:
+            return
+        slot = min(range(self.phases), key=lambda s: len(self._slots[s]))  # keep the slots even
+        self._slots[slot][key] = client
+        self._slot_of[key] = slot
 
     def remove(self, client: Paced) -> None:
-        self._clients.pop(id(client), None)
+        slot = self._slot_of.pop(id(client), None)
+        if slot is not None:
+            del self._slots[slot][id(client)]
 
     def __len__(self) -> int:
-        return len(self._clients)
+        return len(self._slot_of)
+
+    @property
+    def index(self) -> int:
+        """The next tick (20 ms frame) to run."""
+        return -(-self._next // self.phases)
 
     def start(self) -> None:
         if self._call is None:
             self._start = self._clock.seconds()
-            self.index = 0
+            self._next = 0
             self._call = self._clock.callLater(0, self._run)
 
     def stop(self) -> None:
@@ -104,28 +126,28 @@ class Pacer:
                 self._call.cancel()
             self._call = None
 
-    def deadline(self, index: int) -> float:
-        return self._start + index * self.interval
-
     def _run(self) -> None:
         self.wakeups += 1
         now = self._clock.seconds()
-        # the last tick whose deadline has passed (a microsecond of slack absorbs float rounding)
-        due = int((now - self._start + 1e-6) / self.interval)
-        if due - self.index >= self.max_catch_up:
-            skip = due - self.index - self.max_catch_up + 1
-            self.skipped += skip
-            self.index += skip
-        clients = list(self._clients.values())
-        while self.index <= due:
-            deadline = self._start + self.index * self.interval
-            for client in clients:
-                client.tick(self.index, deadline, now)
-            self.index += 1
-            self.ticks += 1
-        # wake a microsecond early: the slack in `due` counts the tick as due, and float rounding
+        # the last step whose deadline has passed (a microsecond of slack absorbs float rounding)
+        due = int((now - self._start + 1e-6) / self._step)
+        limit = self.max_catch_up * self.phases
+        if due - self._next >= limit:
+            skip = due - self._next - limit + 1
+            self.skipped += skip // self.phases
+            self._next += skip
+        while self._next <= due:
+            step = self._next
+            index, slot = divmod(step, self.phases)
+            deadline = self._start + step * self._step
+            for client in list(self._slots[slot].values()):
+                client.tick(index, deadline, now)
+            self._next += 1
+            if slot == self.phases - 1:
+                self.ticks += 1
+        # wake a microsecond early: the slack in `due` counts the step as due, and float rounding
         # of clock arithmetic can no longer push a wake-up past its deadline
-        delay = self._start + self.index * self.interval - self._clock.seconds() - 1e-6
+        delay = self._start + self._next * self._step - self._clock.seconds() - 1e-6
         self._call = self._clock.callLater(max(delay, 0.0), self._run)
 
 

@@ -141,7 +141,8 @@ class MediaSession:
             self._send_frame(frame, not self._talking, index)
             self._talking = True
             self.frames_out += 1
-            self.lateness.add(now - deadline)
+            # measured after the write: a frame late in a tick's burst counts as late as it was
+            self.lateness.add(self._pacer.seconds() - deadline)
             if finished_ms >= 0:
                 self._notify("utterance_sent", utterance_id, finished_ms)
         else:
