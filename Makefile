@@ -18,7 +18,7 @@ install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -e '.[test,lint]' $(EDITABLE)
+	$(PIP) install -q -e '.[test,lint,silero]' $(EDITABLE)
 	touch $@
 
 # The offline pipeline's libraries: torch pinned to the CPU build this machine has, and
