@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from twisted_agent import config as c
+from twisted_agent.config_display import describe
 
 
 def fixed_resolver(host: str, port: int) -> str:
@@ -315,7 +316,7 @@ def test_unreadable_secret_file_names_the_key(tmp_path):
 
 def test_secret_values_are_masked_in_describe():
     config = load(env={"ARI_PASSWORD": "topsecretvalue", "REDIS_URL": "redis://:pw123@127.0.0.1:6379/0"})
-    rows = {key: (value, source) for key, _env, value, source in c.describe(config)}
+    rows = {key: (value, source) for key, _env, value, source in describe(config)}
     assert "topsecretvalue" not in rows["ari.password"][0]
     assert rows["ari.password"] == ("****ue", "environment")
     assert rows["store.redis_url"][0] == "redis://:****@127.0.0.1:6379/0"

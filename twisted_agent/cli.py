@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted_agent import __version__
-from twisted_agent.config import AgentConfig, ConfigError, describe, load_config, resolve_config_path
+from twisted_agent.config import AgentConfig, ConfigError, load_config, resolve_config_path
+from twisted_agent.config_display import describe
 
 
 def _config(args: argparse.Namespace) -> AgentConfig:

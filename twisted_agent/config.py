@@ -19,7 +19,7 @@ import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -476,7 +476,7 @@ class _Loader:
             if parsed is None:
                 continue
             env_context, field_name = parsed
-            name = next((n for n in raw if _env_token(n) == env_context), env_context.lower())
+            name = next((n for n in raw if env_token(n) == env_context), env_context.lower())
             raw.setdefault(name, {})[field_name] = (value, "environment")
         contexts: dict[str, ContextConfig] = {}
         for name, entries in raw.items():
@@ -486,7 +486,7 @@ class _Loader:
                 try:
                     values[field_name] = CONTEXT_FIELDS[field_name](value)
                 except ValueError as e:
-                    env_name = f"{CONTEXT_ENV_PREFIX}{_env_token(name)}_{field_name.upper()}"
+                    env_name = f"{CONTEXT_ENV_PREFIX}{env_token(name)}_{field_name.upper()}"
                     raise ConfigError(_display_key(fkey, env_name, origin), origin, str(e), _shown(value)) from None
                 self.sources[fkey] = "environment" if origin == "environment" else "file"
             contexts[name] = ContextConfig(**values)
@@ -518,7 +518,7 @@ def _display_key(key: str, env_name: str, origin: str) -> str:
     return env_name if origin == "environment" else key
 
 
-def _env_token(name: str) -> str:
+def env_token(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", name).upper()
 
 
@@ -586,52 +586,3 @@ def _same_listener(host_a: str, port_a: int, host_b: str, port_b: int) -> bool:
         return False
     wildcard = {"0.0.0.0", "::"}
     return host_a == host_b or host_a in wildcard or host_b in wildcard
-
-
-# ---------------------------------------------------------------------------------------------
-# Showing the effective configuration
-
-
-def show(value: Any) -> str:
-    """A setting's value as an operator would write it in the environment."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (tuple, list)):
-        return ", ".join(str(v) for v in value)
-    return str(value)
-
-
-def mask(value: Any) -> str:
-    """Show that a secret is set without showing it."""
-    text = s.text(value)
-    if not text:
-        return ""
-    return "****" + (text[-2:] if len(text) >= 12 else "")
-
-
-def mask_url_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(":" + parts.password + "@", ":****@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def describe(config: AgentConfig) -> list[tuple[str, str, str, str]]:
-    """(key, environment variable, shown value, source) for every setting, secrets masked."""
-    rows = []
-    for info in SETTINGS:
-        value = setting_value(config, info.key)
-        if info.secret:
-            shown = mask(value)
-        elif info.key == "store.redis_url":
-            shown = mask_url_password(value)
-        else:
-            shown = show(value)
-        rows.append((info.key, info.env, shown, config.sources.get(info.key, "default")))
-    for name, context in sorted(config.contexts.items()):
-        for field_name in CONTEXT_FIELDS:
-            key = f"contexts.{name}.{field_name}"
-            env_name = f"{CONTEXT_ENV_PREFIX}{_env_token(name)}_{field_name.upper()}"
-            rows.append((key, env_name, s.text(getattr(context, field_name)), config.sources.get(key, "default")))
-    return rows

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
-from twisted_agent.config import StoreConfig, mask_url_password
+from twisted_agent.config import StoreConfig
+from twisted_agent.config_display import mask_url_password
 from twisted_agent.status import ComponentStatus, IStatusSource
 
 
