@@ -25,13 +25,21 @@ def test_config_shows_sources_and_masks_secrets(capsys, monkeypatch, tmp_path):
     assert "very-secret-password" not in out
 
 
-def test_demo_starts_the_engine_and_reports_health():
-    result = subprocess.run([AI_AGENT, "demo"], env=loopback_env(), capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert "GET /health -> 200" in result.stdout
-    assert '"rtp_server_running": true' in result.stdout
-    assert "GET /ready -> 503" in result.stdout
-    assert result.stdout.rstrip().endswith("engine drained and stopped")
+def test_demo_runs_a_whole_simulated_call(tmp_path):
+    wav = tmp_path / "heard.wav"
+    result = subprocess.run([AI_AGENT, "demo", "--wav", str(wav)], env=loopback_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "agent:  Hello, how can I help you?" in out
+    assert "caller: [" in out and "agent:  You spoke for 3." in out
+    assert "platform" in out and "voice to voice" in out
+    assert "channels left 0, bridges left 0, reply files left 0" in out
+    import wave
+
+    with wave.open(str(wav)) as heard:
+        assert (heard.getframerate(), heard.getnchannels(), heard.getsampwidth()) == (8000, 1, 2)
+        assert heard.getnframes() > 8000 * 3, "greeting and answer, on the wall clock"
 
 
 def test_models_install_says_it_is_not_available():

@@ -76,7 +76,9 @@ def test_every_setting_is_overridable_from_the_environment(tmp_path):
         "REDIS_URL": "redis://127.0.0.1:6379/2", "AI_PROVIDER": "deepgram", "AI_CONTEXT": "night",
         "CONTEXT_NIGHT_GREETING": "closed",
         "MAX_CALLS": "7", "DRAIN_TIMEOUT": "5", "FALLBACK_CONTEXT": "voicemail", "FALLBACK_EXTENSION": "s",
-        "FALLBACK_PRIORITY": "2", "WHISPER_MODEL": "base", "LLM_BACKEND": "embedded",
+        "FALLBACK_PRIORITY": "2", "TURN_END_MS": "700", "GATE_GUARD_MS": "100", "PROVIDER_TIMEOUT": "4",
+        "SETUP_TIMEOUT": "3", "FAILURE_ACTION": "hangup", "NO_AUDIO_SECONDS": "9", "TRANSFER_CONTEXT": "humans",
+        "TRANSFER_EXTENSION": "100", "TRANSFER_PRIORITY": "3", "WHISPER_MODEL": "base", "LLM_BACKEND": "embedded",
         "OLLAMA_HOST": "10.1.1.1:11434", "LLM_MODEL": "llama3", "TTS_VOICE": "v", "DEEPGRAM_API_KEY": "dg",
         "OPENAI_API_KEY": "oa", "OPENAI_REALTIME_MODEL": "m", "LOG_FORMAT": "json", "LOG_LEVEL": "debug",
     }

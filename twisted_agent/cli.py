@@ -64,10 +64,18 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from twisted_agent.demo import run_demo
 
     config = _config(args)
-    return _react(lambda reactor: run_demo(reactor, config, sys.stdout))
+    media = config.media
+    if args.transport:
+        media = dataclasses.replace(media, transport=args.transport)
+    if args.mode:
+        media = dataclasses.replace(media, downstream_mode=args.mode)
+    config = dataclasses.replace(config, media=media)
+    return _react(lambda reactor: run_demo(reactor, config, sys.stdout, wav_path=args.wav, provider=args.provider))
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -92,14 +100,22 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
+    commands = {}
     for name, handler, help_text in (
         ("check", cmd_check, "validate the configuration and check ARI, ports, media directory and providers"),
         ("config", cmd_config, "show the effective configuration, secrets masked, and where each value came from"),
-        ("demo", cmd_demo, "run the engine on loopback and show what it reports"),
+        ("demo", cmd_demo, "a whole simulated call: the engine and a built-in fake Asterisk, no PBX needed"),
     ):
-        add(name, handler, help_text).add_argument(
+        commands[name] = add(name, handler, help_text)
+        commands[name].add_argument(
             "--config", "-c", default=None, help="YAML configuration file (default: $AI_AGENT_CONFIG, "
             "else /etc/ai-agent/ai-agent.yaml if present)")
+    demo = commands["demo"]
+    demo.add_argument("--wav", default="demo-call.wav", help="where to write what the caller heard")
+    demo.add_argument("--provider", default=None, help="provider for the call (default: AI_PROVIDER if ready, "
+                      "else echo)")
+    demo.add_argument("--transport", choices=["externalmedia", "audiosocket"], default=None)
+    demo.add_argument("--mode", choices=["file", "stream"], default=None, help="DOWNSTREAM_MODE for the call")
     models = add("models", cmd_models, "manage local models")
     models.add_argument("action", choices=["install"])
     add("version", cmd_version, "print the version")

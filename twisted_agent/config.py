@@ -28,7 +28,8 @@ from twisted_agent import settings as s
 DEFAULT_CONFIG_PATH = "/etc/ai-agent/ai-agent.yaml"
 CONFIG_PATH_ENV = "AI_AGENT_CONFIG"
 
-PROVIDER_NAMES = ("local", "deepgram", "openai_realtime")
+#: echo answers with how long the caller spoke: for tests, benchmarks and trying the call path
+PROVIDER_NAMES = ("local", "deepgram", "openai_realtime", "echo")
 
 
 class ConfigError(Exception):
@@ -155,6 +156,27 @@ class CallsConfig:
         "dialplan context for calls the engine will not take (draining, full); empty = next priority after Stasis()")
     fallback_extension: str = setting("FALLBACK_EXTENSION", "", s.text, "extension in FALLBACK_CONTEXT (empty = same)")
     fallback_priority: int = setting("FALLBACK_PRIORITY", 1, s.integer(1, 100000), "priority in FALLBACK_CONTEXT")
+    turn_end_ms: int = setting(
+        "TURN_END_MS", 500, s.integer(100, 5000),
+        "pause after the caller's speech that ends the turn (for providers that leave turn-taking to the engine)")
+    gate_guard_ms: int = setting(
+        "GATE_GUARD_MS", 200, s.integer(0, 3000),
+        "after the agent's last audio, how long caller audio is still not taken as a new turn (line echo, tails)")
+    provider_timeout: float = setting(
+        "PROVIDER_TIMEOUT", 10.0, s.number(0.5, 120),
+        "seconds a provider gets to start, or to begin answering a turn, before the caller hears an apology")
+    setup_timeout: float = setting(
+        "SETUP_TIMEOUT", 5.0, s.number(0.5, 60), "seconds for Asterisk to bring up the call's media channel")
+    failure_action: str = setting(
+        "FAILURE_ACTION", "dialplan", s.choice("dialplan", "hangup"),
+        "after the apology for a failed provider: back to the dialplan (FALLBACK_*) or hang up")
+    no_audio_seconds: float = setting(
+        "NO_AUDIO_SECONDS", 5.0, s.number(0, 300),
+        "warn once when no caller audio arrived this long after the media was bridged (0 = never)")
+    transfer_context: str = setting(
+        "TRANSFER_CONTEXT", "", s.text, "dialplan context a transfer to a human goes to (empty = FALLBACK_CONTEXT)")
+    transfer_extension: str = setting("TRANSFER_EXTENSION", "", s.text, "extension in TRANSFER_CONTEXT")
+    transfer_priority: int = setting("TRANSFER_PRIORITY", 1, s.integer(1, 100000), "priority in TRANSFER_CONTEXT")
 
 
 @dataclass(frozen=True)

@@ -1,55 +1,142 @@
-"""``ai-agent demo``: start the engine on loopback, show what it reports, stop it gracefully.
+"""``ai-agent demo``: a whole call, no PBX.
 
-Until the call engine and the built-in Asterisk simulator land, the demo starts the real service
-(web site, media listener, call registry), queries /health and /ready over HTTP, then drains and
-stops it as SIGTERM would.
+The real engine and the built-in Asterisk simulator run in one process on loopback. A simulated
+caller rings, hears the greeting, asks a question (a bundled speech clip), hears the answer and
+hangs up. The demo prints the conversation turn by turn with per-stage timings, checks that the
+call left nothing behind, and writes what the caller heard to a WAV file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
+import socket
+import tempfile
+from importlib import resources
 from typing import Any
 
-import treq
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 
 from twisted_agent.config import AgentConfig
-from twisted_agent.listening import address
 from twisted_agent.service import AgentService
+
+APP = "asterisk-ai-voice-agent"
 
 
 def loopback(config: AgentConfig) -> AgentConfig:
     """The same configuration on free loopback ports, so the demo never clashes with a running engine."""
-    media = dataclasses.replace(config.media, rtp_host="127.0.0.1", rtp_port=0, audiosocket_host="127.0.0.1",
-                                audiosocket_port=0, advertise_host="127.0.0.1")
+    media = dataclasses.replace(config.media, rtp_host="127.0.0.1", rtp_port=_free_port(socket.SOCK_DGRAM),
+                                audiosocket_host="127.0.0.1", audiosocket_port=_free_port(socket.SOCK_STREAM),
+                                advertise_host="127.0.0.1")
     web = dataclasses.replace(config.web, host="127.0.0.1", port=0)
     return dataclasses.replace(config, media=media, web=web)
 
 
-async def run_demo(reactor: Any, config: AgentConfig, out: Any) -> int:
-    service = AgentService(loopback(config), reactor)
+def _free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def question_clip() -> bytes:
+    """ "Hello, what are your opening hours on Saturday?" (espeak-ng), 8 kHz s16le."""
+    return resources.files("twisted_agent.sim").joinpath("clips/question.sl").read_bytes()
+
+
+def sleep(reactor: Any, seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+async def until(reactor: Any, condition: Any, timeout: float, what: str) -> None:
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await sleep(reactor, 0.01)
+
+
+async def run_demo(reactor: Any, config: AgentConfig, out: Any, wav_path: str = "demo-call.wav",
+                   provider: str | None = None) -> int:
+    from twisted_agent.sim import AsteriskSimulator
+
+    media_dir = tempfile.mkdtemp(prefix="ai-agent-demo-")
+    sim = AsteriskSimulator(reactor, username="ai-agent", password="demo-secret")
+    await sim.start()
+    config = loopback(config)
+    config = dataclasses.replace(
+        config,
+        ari=dataclasses.replace(config.ari, url=sim.ari_url, username="ai-agent", password="demo-secret",
+                                app=APP, reconnect_max_delay=1.0),
+        media=dataclasses.replace(config.media, media_dir=media_dir),
+        calls=dataclasses.replace(config.calls, default_provider=provider or config.calls.default_provider,
+                                  no_audio_seconds=0, drain_timeout=2),
+    )
+    service = AgentService(config, reactor)
+    chosen = config.calls.default_provider
+    if provider is None and not service.providers.factories[chosen].readiness().ready:
+        out.write(f"provider {chosen} is not ready ({service.providers.factories[chosen].readiness().detail}); "
+                  "the demo uses the echo provider\n")
+        config = dataclasses.replace(config, calls=dataclasses.replace(config.calls, default_provider="echo"))
+        service = AgentService(config, reactor)
     service.privilegedStartService()
     service.startService()
+    code = 1
     try:
-        assert service.web.port is not None
-        _, port = address(service.web.port)
-        base = f"http://127.0.0.1:{port}"
-        out.write(f"engine started; web site on {base}\n")
-        response = await treq.get(f"{base}/health", timeout=5)
-        health = await response.json()
-        out.write(f"GET /health -> {response.code}\n{json.dumps(health, indent=2, sort_keys=True)}\n")
-        response = await treq.get(f"{base}/ready", timeout=5)
-        ready = await response.json()
-        out.write(f"GET /ready -> {response.code} {json.dumps(ready)}\n")
-        missing = [k for k in ("ari_connected", "rtp_server_running", "active_calls", "providers",
-                               "audio_transport") if k not in health]
-        if missing:
-            out.write(f"/health lacks {missing}\n")
+        await until(reactor, lambda: service.ari.connected, 10, "the engine to connect to ARI")
+        out.write(f"engine connected to the simulated Asterisk at {sim.ari_url}; transport "
+                  f"{config.media.transport}, replies by {config.media.downstream_mode}, provider "
+                  f"{config.calls.default_provider}\n")
+        rang = reactor.seconds()
+        caller = sim.originate(APP, caller_number="+15551230000", caller_name="Demo Caller")
+        await caller.answered
+        await until(reactor, lambda: caller.first_heard_at() is not None, 10, "the greeting")
+        greeting_at = caller.first_heard_at()
+        assert greeting_at is not None
+        engine = service.engine
+        call = engine.calls.get(caller.channel_id)
+        if call is None:
+            out.write(f"the call did not start: {engine.finished[-1]['end_reason'] if engine.finished else '?'}\n")
             return 1
-        out.write("a full simulated call needs the call engine and the Asterisk simulator, not built yet\n")
-        return 0
+        out.write(f"\n  call {call.call_id} from {call.caller_number}: provider {call.provider_name}, "
+                  f"context {call.context_name}\n")
+        out.write(f"  [{1000 * (greeting_at - rang):6.1f} ms] agent:  {call.conversation[0][1]}\n")
+        await until(reactor, lambda: call.state == "listening", 30, "the greeting to finish")
+        speech = question_clip()
+        await caller.say(speech)
+        spoke_until = reactor.seconds()
+        heard_before = len(caller.heard_segments())
+        await until(reactor, lambda: len(caller.heard_segments()) > heard_before, 30, "the answer")
+        await until(reactor, lambda: bool(call.turn_timings), 5, "the turn's timings")
+        turn = call.turn_timings[-1]
+        caller_text = next((text for speaker, text in reversed(call.conversation) if speaker == "caller"), "")
+        agent_text = call.conversation[-1][1]
+        out.write(f"  [{1000 * (spoke_until - rang):6.1f} ms] caller: {caller_text}  "
+                  f"({len(speech) / 16:.0f} ms clip)\n")
+        heard_at = (caller.answered_at or rang) + caller.heard_segments()[-1][0]
+        out.write(f"  [{1000 * (heard_at - rang):6.1f} ms] agent:  {agent_text}\n")
+        out.write("\n  per-stage latency of the turn:\n")
+        for key in ("turn_end_wait_ms", "platform_ms", "voice_to_voice_ms"):
+            if key in turn:
+                out.write(f"    {key[:-3].replace('_', ' '):<16} {turn[key]:7.1f} ms\n")
+        for key, value in turn.items():
+            if key.startswith("provider_"):
+                out.write(f"    {key[9:-3].replace('_', ' '):<16} {value:7.1f} ms\n")
+        await until(reactor, lambda: call.state == "listening", 30, "the answer to finish")
+        await caller.hangup()
+        await until(reactor, lambda: not engine.calls, 10, "the call to be released")
+        await until(reactor, lambda: not sim.live_channels() and not sim.live_bridges(), 10, "Asterisk to be clean")
+        leftovers = [name for name in os.listdir(media_dir) if name.startswith("ai-")]
+        out.write(f"\n  call ended: {call.end_reason}; channels left {len(sim.live_channels())}, bridges left "
+                  f"{len(sim.live_bridges())}, reply files left {len(leftovers)}\n")
+        caller.write_wav(wav_path)
+        out.write(f"  what the caller heard: {wav_path} ({len(caller.heard()) / 16000:.1f} s)\n")
+        code = 0 if not leftovers else 1
     finally:
-        stopped: Deferred[None] = service.stopService()
-        await stopped
-        out.write("engine drained and stopped\n")
+        await service.stopService()
+        await sim.stop()
+        for name in os.listdir(media_dir):
+            os.unlink(os.path.join(media_dir, name))
+        os.rmdir(media_dir)
+    return code
+

@@ -15,7 +15,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from twisted_agent import __version__
-from twisted_agent.ari.service import ARIPlaceholderService
+from twisted_agent.ari.service import ARIService
+from twisted_agent.calls.engine import CallEngine
 from twisted_agent.calls.registry import CallRegistry
 from twisted_agent.config import AgentConfig
 from twisted_agent.health import EngineHealth
@@ -40,16 +41,20 @@ class AgentService(MultiService):
         self.config = config
         self.reactor = reactor
         self.registry = CallRegistry(reactor, max_calls=config.calls.max_calls)
-        self.providers = ProviderCatalog(config)
+        self.providers = ProviderCatalog(config, clock=reactor)
         self.store = StorePlaceholder(config.store)
 
-        self.ari = ARIPlaceholderService(config.ari)
+        self.ari = ARIService(config.ari, reactor)
         self.ari.setName("ari")
         self.ari.setServiceParent(self)
 
         self.media = MediaService(reactor, config.media)
         self.media.setName("media")
         self.media.setServiceParent(self)
+
+        self.engine = CallEngine(reactor, config, self.ari, self.media, self.registry, self.providers)
+        self.engine.setName("calls")
+        self.engine.setServiceParent(self)
 
         self.health = EngineHealth(config, reactor, self.ari, self.media, self.registry, self.providers,
                                    [self.store])

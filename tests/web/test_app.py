@@ -92,7 +92,8 @@ def test_health_reports_the_required_fields(site):
     assert data["audiosocket_server_running"] is False
     assert data["active_calls"] == 1
     assert data["audio_transport"] == "externalmedia"
-    assert set(data["providers"]) == {"local", "deepgram", "openai_realtime"}
+    assert set(data["providers"]) == {"local", "deepgram", "openai_realtime", "echo"}
+    assert data["providers"]["echo"]["ready"] is True
     assert data["providers"]["deepgram"]["ready"] is False
     assert data["providers"]["deepgram"]["detail"] == "DEEPGRAM_API_KEY is not set"
     assert data["uptime_s"] == 5

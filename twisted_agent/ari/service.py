@@ -1,32 +1,47 @@
-"""The ARI connection as the rest of the engine sees it.
+"""The ARI connection as the rest of the engine sees it: REST client plus the events WebSocket.
 
-The events WebSocket client (a reconnecting ``ClientService``) and the REST client are built by
-the control-plane work; until then this service reports itself as not connected, and /ready
-stays 503 so no load balancer or operator mistakes the engine for one that can take calls.
+``ARIService`` is a ``MultiService`` whose child is the reconnecting events client; ``/health`` and
+``/ready`` read its status, and the engine is ready only while the events socket is upgraded.
 """
 
 from __future__ import annotations
 
-from twisted.application.service import Service
+from typing import Any
+
+from twisted.application.service import MultiService
 from zope.interface import implementer
 
+from twisted_agent.ari.rest import ARIClient
+from twisted_agent.ari.websocket import ARIEventsService
 from twisted_agent.config import ARIConfig
 from twisted_agent.status import ComponentStatus, IStatusSource
 
 
 @implementer(IStatusSource)
-class ARIPlaceholderService(Service):
+class ARIService(MultiService):
     component = "ari"
 
-    def __init__(self, config: ARIConfig) -> None:
+    def __init__(self, config: ARIConfig, reactor: Any = None) -> None:
+        super().__init__()
+        if reactor is None:
+            # Only until AgentService passes its reactor; resolved here, not at import, so that
+            # .rest and .events exist before start for the call engine to attach to.
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
         self.config = config
+        self.rest = ARIClient(reactor, config)
+        self.events = ARIEventsService(reactor, config)
+        self.events.setName("events")
+        self.events.setServiceParent(self)
 
     @property
     def connected(self) -> bool:
-        return False
+        return self.events.connected
 
     def status(self) -> ComponentStatus:
-        return ComponentStatus(
-            "placeholder", False,
-            f"ARI events client not built yet; not connected to {self.config.url} as app {self.config.app!r}",
-            implemented=False)
+        return self.events.status()
+
+
+#: the name AgentService still imports; the same class
+ARIPlaceholderService = ARIService

@@ -119,7 +119,4 @@ class CallRegistry:
         limit = f" of {self._max_calls}" if self._max_calls else ""
         if self.draining:
             return ComponentStatus("draining", False, f"{len(self._calls)} active call(s); not taking new calls")
-        return ComponentStatus(
-            "running", True,
-            f"{len(self._calls)}{limit} active call(s); the call engine (ARI StasisStart handling) is not built yet",
-            implemented=False)
+        return ComponentStatus("running", True, f"{len(self._calls)}{limit} active call(s)")

@@ -328,8 +328,9 @@ class SpeechDetector:
 
     @property
     def last_voiced_at(self) -> float | None:
-        """When the latest voiced frame of the current speech arrived."""
-        return self._last_voiced_at if self._in_speech else None
+        """When the latest voiced frame arrived (also after speech ended: turn-taking measures the
+        pause from it)."""
+        return self._last_voiced_at if self.voiced_frames else None
 
     def frame(self, pcm: bytes, now: float) -> bool:
         """Feed the next frame, received at ``now``; return whether it was voiced."""

@@ -7,25 +7,14 @@ A provider whose adapter is not built yet says so: it is never reported ready.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from zope.interface import implementer
 
 from twisted_agent.config import PROVIDER_NAMES, AgentConfig
+from twisted_agent.providers.base import IProviderFactory, ProviderError, ProviderReadiness
+from twisted_agent.providers.echo import EchoFactory
 from twisted_agent.status import ComponentStatus, IStatusSource
-
-
-@dataclass(frozen=True)
-class ProviderReadiness:
-    name: str
-    ready: bool
-    detail: str
-    fix: str = ""
-    implemented: bool = True
-
-    def as_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _local(config: AgentConfig) -> ProviderReadiness:
@@ -59,23 +48,46 @@ CHECKS: dict[str, Callable[[AgentConfig], ProviderReadiness]] = {
     "deepgram": _deepgram,
     "openai_realtime": _openai_realtime,
 }
-assert tuple(CHECKS) == PROVIDER_NAMES
+
+
+@implementer(IProviderFactory)
+class UnbuiltFactory:
+    """A provider whose adapter does not exist yet: never ready, and says so if a call picks it."""
+
+    def __init__(self, name: str, check: Callable[[AgentConfig], ProviderReadiness], config: AgentConfig) -> None:
+        self.name = name
+        self._check = check
+        self._config = config
+
+    def readiness(self) -> ProviderReadiness:
+        return self._check(self._config)
+
+    def create(self) -> Any:
+        raise ProviderError(f"provider {self.name} is not available: {self.readiness().detail}")
 
 
 @implementer(IStatusSource)
 class ProviderCatalog:
-    """Readiness of every provider, and of the default one."""
+    """The providers a call can choose, their readiness, and the default one's."""
 
     component = "providers"
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, factories: dict[str, Any] | None = None, clock: Any = None) -> None:
         self._config = config
+        self.factories: dict[str, Any] = {name: UnbuiltFactory(name, check, config) for name, check in CHECKS.items()}
+        self.factories["echo"] = EchoFactory(clock)
+        self.factories.update(factories or {})
+        missing = set(PROVIDER_NAMES) - set(self.factories)
+        assert not missing, f"no factory for providers {missing}"
 
     def readiness(self) -> dict[str, ProviderReadiness]:
-        return {name: check(self._config) for name, check in CHECKS.items()}
+        return {name: factory.readiness() for name, factory in self.factories.items()}
+
+    def create(self, name: str) -> Any:
+        return self.factories[name].create()
 
     def status(self) -> ComponentStatus:
         default = self._config.calls.default_provider
-        state = self.readiness()[default]
+        state = self.factories[default].readiness()
         return ComponentStatus("ready" if state.ready else "not ready", state.ready,
                                f"default provider {default}: {state.detail}", implemented=state.implemented)

@@ -1,0 +1,330 @@
+"""The call engine with a fake ARI, a real media plane on a fake UDP transport, and task.Clock."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.task import Clock
+
+from tests.calls.fakes import FakeARI, FakeARIService, channel_json, event
+from tests.media.fakes import FakeUDPTransport, detector_factory, tone
+from twisted_agent.ari.errors import ARIUnavailable
+from twisted_agent.calls.engine import APOLOGY_NAME, CallEngine
+from twisted_agent.calls.registry import CallRegistry
+from twisted_agent.config import load_config
+from twisted_agent.media.codecs import ulaw_encode
+from twisted_agent.media.rtp import RTPPacket, build, parse
+from twisted_agent.media.service import MediaService
+from twisted_agent.providers.readiness import ProviderCatalog
+
+CALLER = "1700000000.1"
+
+
+class FakePort:
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", "0.0.0.0", 18080)
+
+    def stopListening(self) -> None:
+        pass
+
+
+class Rig:
+    def __init__(self, tmp_path: Path, **env: str) -> None:
+        settings = {"ARI_URL": "http://10.0.0.5:8088/ari", "RTP_ADVERTISE_HOST": "10.0.0.9",
+                    "MEDIA_DIR": str(tmp_path), "AI_PROVIDER": "echo", "NO_AUDIO_SECONDS": "0", **env}
+        self.config = load_config(None, settings)
+        self.media_dir = tmp_path
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.ari = FakeARI()
+        self.ari_service = FakeARIService(self.ari)
+        self.events = self.ari_service.events
+        self.media = MediaService(self.clock, self.config.media)
+        self.udp = FakeUDPTransport()
+        self.media.rtp.makeConnection(self.udp)  # type: ignore[arg-type]
+        self.media.rtp_port = FakePort()  # type: ignore[assignment]
+        self.media._detector = detector_factory()  # type: ignore[method-assign]
+        self.media.pacer.start()
+        self.registry = CallRegistry(self.clock, max_calls=self.config.calls.max_calls)
+        self.providers = ProviderCatalog(self.config, clock=self.clock)
+        self.engine = CallEngine(self.clock, self.config, self.ari_service, self.media, self.registry, self.providers)
+        self.engine.blocking = lambda f, *a: maybeDeferred(f, *a)  # type: ignore[method-assign]
+        self.engine.startService()
+        self.clock.advance(0)
+        self.seq = 0
+
+    def ring(self, channel_id: str = CALLER, variables: dict[str, str] | None = None,
+             in_event: dict[str, str] | None = None) -> None:
+        self.ari.add_caller(channel_id, variables)
+        self.events.emit(event("StasisStart", channel=channel_json(channel_id, variables=in_event), args=[]))
+
+    def media_up(self, channel_id: str = CALLER) -> None:
+        media_id = f"ai-media-{channel_id}"
+        self.ari.in_stasis.add(media_id)
+        self.events.emit(event("StasisStart", channel=channel_json(media_id, state="Up",
+                                                                   name="UnicastRTP/10.0.0.9:18080-0x1"), args=[]))
+
+    def answered_call(self, channel_id: str = CALLER, **kw: Any) -> Any:
+        self.ring(channel_id, **kw)
+        self.media_up(channel_id)
+        return self.engine.calls[channel_id]
+
+    def playback_done(self, call: Any) -> None:
+        """Asterisk plays every queued file to the end."""
+        for _, _, media, playback_id in [r for r in self.ari.requests if r[0] == "play"]:
+            if playback_id in self.engine._playbacks:
+                playback = {"id": playback_id, "media_uri": media, "target_uri": f"channel:{call.call_id}",
+                            "state": "playing", "language": "en"}
+                self.events.emit(event("PlaybackStarted", playback=playback))
+                self.events.emit(event("PlaybackFinished", playback={**playback, "state": "done"}))
+
+    def speak(self, ms: int, loud: bool = True, channel_id: str = CALLER) -> None:
+        peer = self.ari.peers[f"ai-media-{channel_id}"]
+        payload = ulaw_encode(tone(20, amplitude=8000 if loud else 0))
+        for _ in range(ms // 20):
+            packet = RTPPacket(payload_type=0, sequence=self.seq, timestamp=160 * self.seq, ssrc=77, payload=payload)
+            self.media.rtp.router.datagram(build(packet), peer)
+            self.seq += 1
+            self.clock.advance(0.02)
+
+    def advance(self, seconds: float) -> None:
+        for _ in range(int(seconds / 0.02)):
+            self.clock.advance(0.02)
+
+    def files(self) -> list[str]:
+        return sorted(p for p in os.listdir(self.media_dir) if not p.startswith(APOLOGY_NAME))
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    return Rig(tmp_path)
+
+
+def test_the_ari_requests_of_a_call_in_order(rig: Rig) -> None:
+    rig.ring()
+    assert rig.ari.names() == ["get_variable", "get_variable", "answer", "create_bridge", "external_media"]
+    external = rig.ari.requests[4][1]
+    assert external == {"app": "asterisk-ai-voice-agent", "channel_id": f"ai-media-{CALLER}",
+                        "external_host": "10.0.0.9:18080", "format": "ulaw"}
+    assert rig.ari.requests[3][1:] == (f"ai-bridge-{CALLER}", "mixing")
+    rig.media_up()  # only now may the media channel join the bridge (earlier: 422)
+    names = rig.ari.names()
+    assert names[5] == "add_channel"
+    assert rig.ari.requests[5][1:] == (f"ai-bridge-{CALLER}", [CALLER, f"ai-media-{CALLER}"])
+    assert names[6] == "play", "the greeting plays from a file"
+    call = rig.engine.calls[CALLER]
+    assert call.state == "speaking"
+    # the media session was primed with silence at once (Asterisk waits for a first frame after Answer)
+    rig.clock.advance(0.02)
+    sent = [parse(data) for data, addr in rig.udp.written]
+    assert sent and all(addr == rig.ari.peers[f"ai-media-{CALLER}"] for _, addr in rig.udp.written)
+
+
+def test_greeting_file_is_written_played_and_deleted(rig: Rig) -> None:
+    call = rig.answered_call()
+    play = next(r for r in rig.ari.requests if r[0] == "play")
+    media = play[2]
+    assert media.startswith(f"sound:{rig.media_dir}/ai-{CALLER}-") and not media.endswith(".ulaw")
+    files = rig.files()
+    assert len(files) == 1 and files[0].endswith(".ulaw")
+    size = os.path.getsize(rig.media_dir / files[0])
+    assert size == call.provider.voice.duration_ms(call.context.greeting) * 8, "μ-law at 8 kHz: 8 bytes per ms"
+    rig.playback_done(call)
+    assert rig.files() == []
+    rig.advance(0.3)  # the gate guard
+    assert call.state == "listening"
+
+
+def test_a_turn_gets_an_answer_and_gating_keeps_the_agent_from_hearing_itself(rig: Rig) -> None:
+    call = rig.answered_call()
+    provider = call.provider
+    rig.speak(400)  # the caller talks over the greeting: gated, not a turn
+    assert provider._turn_frames == 0 and call.state == "speaking"
+    rig.playback_done(call)
+    rig.advance(0.3)
+    assert call.state == "listening"
+    rig.speak(600)
+    rig.speak(200, loud=False)
+    assert call.state == "listening", "a pause shorter than TURN_END_MS does not end the turn"
+    rig.advance(0.5)
+    assert provider.turns and call.state == "speaking"
+    assert call.conversation[-1][0] == "agent" and call.conversation[-1][1].startswith("You spoke for")
+    rig.playback_done(call)
+    rig.advance(0.3)
+    assert call.state == "listening"
+    timing = call.turn_timings[-1]
+    assert timing["turn_end_wait_ms"] == pytest.approx(500, abs=25)
+
+
+def test_caller_hangs_up_while_the_agent_speaks_everything_is_released(rig: Rig) -> None:
+    call = rig.answered_call()
+    assert rig.files()
+    rig.events.emit(event("ChannelHangupRequest", channel=channel_json(CALLER), cause=16))
+    rig.ari.channels.pop(CALLER)
+    rig.clock.advance(0)
+    assert call.state == "ended" and call.ended.called
+    assert CALLER not in rig.engine.calls and len(rig.registry) == 0
+    assert rig.ari.channels == {} and rig.ari.bridges == {}, "no media channel, no bridge left"
+    assert rig.files() == [], "no reply file left"
+    assert rig.media.sessions == {}
+    assert ("hangup", CALLER) not in rig.ari.requests, "the caller is gone: nothing to hang up"
+    assert any(r[0] == "stop_playback" for r in rig.ari.requests), "the queued greeting was stopped"
+
+
+def test_caller_hangs_up_during_setup(rig: Rig) -> None:
+    rig.ring()
+    call = rig.engine.calls[CALLER]
+    rig.ari.channels.pop(CALLER)
+    rig.events.emit(event("StasisEnd", channel=channel_json(CALLER)))
+    assert call.state == "ended"
+    assert rig.ari.channels == {} and rig.ari.bridges == {}
+    assert rig.media.sessions == {} and len(rig.registry) == 0
+
+
+def test_selection_from_channel_variables(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, AI_PROVIDER="local", CONTEXT_SALES_GREETING="Welcome to sales")
+    call = rig.answered_call(variables={"AI_PROVIDER": "echo", "AI_CONTEXT": "sales"})
+    assert (call.provider_name, call.context_name) == ("echo", "sales")
+    assert call.conversation[0] == ("agent", "Welcome to sales")
+
+
+def test_selection_from_stasis_start_channelvars_needs_no_requests(rig: Rig) -> None:
+    rig.ring(in_event={"AI_PROVIDER": "echo", "AI_CONTEXT": "default"})
+    assert "get_variable" not in rig.ari.names()
+
+
+def test_bad_selection_falls_back_to_defaults(rig: Rig) -> None:
+    call = rig.answered_call(variables={"AI_PROVIDER": "watson", "AI_CONTEXT": "nope"})
+    assert (call.provider_name, call.context_name) == ("echo", "default")
+
+
+def test_an_unavailable_provider_sends_the_caller_back_unanswered(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, AI_PROVIDER="local", FALLBACK_CONTEXT="voicemail", FALLBACK_EXTENSION="s")
+    rig.ring()
+    assert rig.ari.names() == ["get_variable", "get_variable", "continue_in_dialplan"]
+    assert rig.ari.requests[-1] == ("continue_in_dialplan", CALLER, "voicemail", "s", 1)
+    assert rig.engine.calls == {} and rig.engine.counters["provider_unavailable"] == 1
+
+
+def test_provider_failure_mid_call_apologises_then_returns_to_the_dialplan(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, FALLBACK_CONTEXT="operator")
+    call = rig.answered_call()
+    rig.playback_done(call)
+    rig.advance(0.3)
+    call.provider.end_of_turn = lambda: fail(RuntimeError("model crashed"))
+    rig.speak(400)
+    rig.advance(0.6)
+    apology = [r for r in rig.ari.requests if r[0] == "play" and APOLOGY_NAME in r[2]]
+    assert apology, "the caller hears an apology"
+    assert "continue_in_dialplan" not in rig.ari.names(), "only after the apology was heard"
+    playback_id = apology[0][3]
+    rig.events.emit(event("PlaybackFinished", playback={"id": playback_id, "media_uri": apology[0][2],
+                                                         "target_uri": f"channel:{CALLER}", "state": "done",
+                                                         "language": "en"}))
+    assert rig.ari.requests[-1] == ("continue_in_dialplan", CALLER, "operator", None, 1)
+    assert call.state == "ended" and rig.ari.bridges == {} and rig.files() == []
+    assert list(rig.ari.channels) == [], "media channel deleted; the caller left our app"
+
+
+def test_a_provider_that_never_answers_gets_the_apology_too(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, PROVIDER_TIMEOUT="2", FAILURE_ACTION="hangup")
+    call = rig.answered_call()
+    rig.playback_done(call)
+    rig.advance(0.3)
+    call.provider.end_of_turn = lambda: Deferred()
+    rig.speak(400)
+    rig.advance(2.7)
+    apology = next(r for r in rig.ari.requests if r[0] == "play" and APOLOGY_NAME in r[2])
+    rig.events.emit(event("PlaybackFinished", playback={"id": apology[3], "media_uri": apology[2],
+                                                         "target_uri": f"channel:{CALLER}", "state": "done",
+                                                         "language": "en"}))
+    assert ("hangup", CALLER) in rig.ari.requests and call.state == "ended"
+
+
+def test_engine_shutdown_hands_calls_back_to_the_dialplan(rig: Rig) -> None:
+    call = rig.answered_call()
+    drained = rig.registry.drain(5)
+    rig.advance(5.1)
+    assert drained.called and call.state == "ended"
+    assert ("continue_in_dialplan", CALLER, None, None, None) in rig.ari.requests
+    assert rig.ari.bridges == {} and rig.files() == []
+
+
+def test_draining_engine_refuses_new_calls_without_answering(rig: Rig) -> None:
+    rig.registry.drain(5)
+    rig.ring("1700000000.9")
+    assert rig.ari.names() == ["continue_in_dialplan"]
+    assert rig.engine.counters["refused_draining"] == 1
+
+
+def test_full_engine_refuses_beyond_max_calls(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, MAX_CALLS="1")
+    rig.answered_call("1700000000.1")
+    rig.ring("1700000000.2")
+    assert rig.ari.requests[-1][0:2] == ("continue_in_dialplan", "1700000000.2")
+
+
+def test_media_channel_that_never_starts_fails_setup(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, SETUP_TIMEOUT="1")
+    rig.ring()
+    call = rig.engine.calls[CALLER]
+    rig.advance(1.1)
+    assert call._failing
+    apology = next(r for r in rig.ari.requests if r[0] == "play")
+    assert APOLOGY_NAME in apology[2]
+
+
+def test_reconnect_ends_calls_whose_caller_left_during_the_outage(rig: Rig) -> None:
+    kept = rig.answered_call("1700000000.1")
+    lost = rig.answered_call("1700000000.2")
+    rig.events.connection(False)
+    rig.ari.channels.pop("1700000000.2")  # hung up while nobody listened
+    rig.events.connection(True)
+    assert lost.state == "ended" and kept.state != "ended"
+    assert lost.end_reason == "caller left during the ARI outage"
+    assert rig.engine.counters["lost_during_outage"] == 1
+    assert "ai-bridge-1700000000.2" not in rig.ari.bridges
+
+
+def test_unexpected_end_of_the_media_channel_fails_the_call(rig: Rig) -> None:
+    call = rig.answered_call()
+    rig.events.emit(event("StasisEnd", channel=channel_json(f"ai-media-{CALLER}")))
+    assert call._failing
+
+
+def test_stray_media_channel_from_an_old_run_is_hung_up(rig: Rig) -> None:
+    rig.ari.channels["ai-media-old"] = {}
+    rig.events.emit(event("StasisStart", channel=channel_json("ai-media-old", state="Up"), args=[]))
+    assert ("hangup", "ai-media-old") in rig.ari.requests and rig.engine.calls == {}
+
+
+def test_stream_mode_replies_go_on_the_media_leg(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, DOWNSTREAM_MODE="stream")
+    call = rig.answered_call()
+    assert "play" not in rig.ari.names() and rig.files() == []
+    greeting_ms = call.provider.voice.duration_ms(call.context.greeting)
+    rig.advance(greeting_ms / 1000 + 0.4)
+    frames = [parse(data) for data, _ in rig.udp.written]
+    assert len(frames) >= greeting_ms // 20
+    assert call.state == "listening"
+
+
+def test_agent_hangup_tool_waits_for_the_reply_to_be_heard(rig: Rig) -> None:
+    call = rig.answered_call()
+    result = call.tool_request("hangup", {})
+    assert result.called and call.state == "speaking" and ("hangup", CALLER) not in rig.ari.requests
+    rig.playback_done(call)
+    rig.advance(0.3)
+    assert ("hangup", CALLER) in rig.ari.requests and call.state == "ended"
+
+
+def test_release_survives_ari_being_down(rig: Rig) -> None:
+    call = rig.answered_call()
+    rig.ari.failures["continue_in_dialplan"] = ARIUnavailable("POST", "/channels/x/continue", "connection refused")
+    finished = call.release("shutdown")
+    assert finished.called and call.state == "ended" and len(rig.registry) == 0

@@ -1,0 +1,593 @@
+"""One phone call: an explicit state machine that owns every resource the call holds.
+
+Connecting → Listening → Thinking → Speaking → Ended (automat). Whatever ends the call — the caller
+hanging up, the provider failing, an agent hang-up or transfer, the engine shutting down — goes
+through :meth:`Call.finish`, which releases everything exactly once: the provider, the reply files,
+the media session, the ExternalMedia channel and the bridge (Asterisk keeps both alive otherwise),
+and then the caller (hung up, sent back to the dialplan, or left alone if already gone).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from automat import MethodicalMachine
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twisted_agent.ari.errors import ARIError, ARINotFound, ARIUnprocessable
+from twisted_agent.calls.playback import FilePlayer, StreamPlayer
+from twisted_agent.calls.registry import ICallHandle
+from twisted_agent.calls.turns import TurnTaker
+from twisted_agent.media.interfaces import IMediaConsumer
+from twisted_agent.media.rtp_endpoint import PeerNotAllowed
+from twisted_agent.providers.base import ICallInfo, IProviderEvents, ProviderError, ToolResult
+
+PRIME_SILENCE = bytes(320)  # one 20 ms frame ends Asterisk's wait for a first media frame after Answer()
+
+
+class SetupFailed(Exception):
+    """The call could not be brought up; the text says which step."""
+
+
+@implementer(ICallHandle, ICallInfo, IMediaConsumer, IProviderEvents)
+class Call:
+    log = Logger()
+    _machine = MethodicalMachine()
+
+    def __init__(self, engine: Any, channel: Any) -> None:
+        self.engine = engine
+        self.config = engine.config
+        self.reactor = engine.reactor
+        self.call_id: str = channel.id
+        self.caller_number: str = channel.caller.number
+        self.caller_name: str = channel.caller.name
+        self.channel = channel
+        self.events = self
+        self.state = "connecting"
+        self.provider_name = self.config.calls.default_provider
+        self.context_name = self.config.calls.default_context
+        self.context = self.config.contexts[self.context_name]
+        self.bridge_id = f"ai-bridge-{self.call_id}"
+        self.media_channel_id = f"ai-media-{self.call_id}"
+        self.session_uuid = uuid.uuid4()
+        self.session: Any = None
+        self.provider: Any = None
+        self.player: Any = None
+        self.media_started: Deferred[None] = Deferred()
+        self.ended: Deferred[str] = Deferred()
+        self.end_reason = ""
+        self.conversation: list[tuple[str, str]] = []  # (speaker, text), turn by turn
+        self.turn_timings: list[dict[str, float]] = []
+        self.started_at = self.reactor.seconds()
+        self._created_bridge = False
+        self._requested_media = False
+        self._pending_actions: list[Any] = []
+        self._bridged_at: float | None = None
+        self._audio_frames = 0
+        self._open_utterances: set[str] = set()
+        self._turn: Deferred[Any] | None = None
+        self._setup: Deferred[Any] | None = None
+        self._timers: dict[str, IDelayedCall] = {}
+        self._failing = False
+        self._finishing: Deferred[str] | None = None
+        self._awaiting_reply_audio = False
+        self._turn_marks: dict[str, float] = {}
+        self.turns = TurnTaker(self.reactor, self.config.calls.turn_end_ms / 1000, self._turn_over)
+
+    # --- the state machine --------------------------------------------------------------------
+
+    @_machine.state(initial=True)
+    def connecting(self) -> None:
+        "Answering, bridging and bringing up the media."
+
+    @_machine.state()
+    def listening(self) -> None:
+        "The caller has the floor."
+
+    @_machine.state()
+    def thinking(self) -> None:
+        "The caller's turn ended; the provider is working on the answer."
+
+    @_machine.state()
+    def speaking(self) -> None:
+        "The agent's audio is going to the caller (caller audio is gated)."
+
+    @_machine.state()
+    def done(self) -> None:
+        "Everything is released."
+
+    @_machine.input()
+    def set_up(self) -> None:
+        "The media is bridged."
+
+    @_machine.input()
+    def turn_over(self) -> None:
+        "The caller's turn ended."
+
+    @_machine.input()
+    def audio_out(self) -> None:
+        "Agent audio is going out."
+
+    @_machine.input()
+    def reply_done(self) -> None:
+        "The caller has heard all the agent had to say."
+
+    @_machine.input()
+    def end(self) -> None:
+        "The call is over."
+
+    @_machine.output()
+    def _now_listening(self) -> None:
+        self.state = "listening"
+        self.turns.reset()
+
+    @_machine.output()
+    def _now_thinking(self) -> None:
+        self.state = "thinking"
+        self._start_turn()
+
+    @_machine.output()
+    def _now_speaking(self) -> None:
+        self.state = "speaking"
+        self.turns.reset()
+        self._cancel_timer("reply")
+
+    @_machine.output()
+    def _now_done(self) -> None:
+        self.state = "ended"
+
+    connecting.upon(set_up, enter=listening, outputs=[_now_listening])
+    connecting.upon(end, enter=done, outputs=[_now_done])
+    connecting.upon(audio_out, enter=connecting, outputs=[])
+    connecting.upon(reply_done, enter=connecting, outputs=[])
+    connecting.upon(turn_over, enter=connecting, outputs=[])
+    listening.upon(turn_over, enter=thinking, outputs=[_now_thinking])
+    listening.upon(audio_out, enter=speaking, outputs=[_now_speaking])
+    listening.upon(reply_done, enter=listening, outputs=[])
+    listening.upon(end, enter=done, outputs=[_now_done])
+    thinking.upon(audio_out, enter=speaking, outputs=[_now_speaking])
+    thinking.upon(reply_done, enter=listening, outputs=[_now_listening])
+    thinking.upon(turn_over, enter=thinking, outputs=[])
+    thinking.upon(end, enter=done, outputs=[_now_done])
+    speaking.upon(audio_out, enter=speaking, outputs=[])
+    speaking.upon(reply_done, enter=listening, outputs=[_now_listening])
+    speaking.upon(turn_over, enter=speaking, outputs=[])
+    speaking.upon(end, enter=done, outputs=[_now_done])
+    for _input in (set_up, turn_over, audio_out, reply_done, end):
+        done.upon(_input, enter=done, outputs=[])
+    del _input
+
+    # --- bringing the call up -----------------------------------------------------------------
+
+    def start(self) -> Deferred[Any]:
+        self._setup = Deferred.fromCoroutine(self._bring_up())
+        self._setup.addErrback(self._setup_failed)
+        return self._setup
+
+    async def _bring_up(self) -> None:
+        engine, ari, config = self.engine, self.engine.ari, self.config
+        await self._choose_provider_and_context()
+        try:
+            self.provider = engine.providers.create(self.provider_name)
+        except ProviderError as e:
+            # Not answered yet: the caller goes straight back to the dialplan, hearing nothing odd.
+            self.log.warn("call {call_id}: provider {provider} unavailable ({error}); back to the dialplan",
+                          call_id=self.call_id, provider=self.provider_name, error=str(e))
+            engine.count("provider_unavailable")
+            self.finish("provider unavailable", caller="continue")
+            return
+        await ari.answer(self.call_id)
+        await ari.create_bridge(self.bridge_id, "mixing", name=f"ai-agent {self.call_id}")
+        self._created_bridge = True
+        self.session = engine.media.create_session(self.call_id, session_uuid=self.session_uuid)
+        self.session.set_consumer(self)
+        engine.expect_media_channel(self.media_channel_id, self)
+        media = config.media
+        self._requested_media = True  # from here on, teardown deletes the media channel (404 if never made)
+        if media.transport == "externalmedia":
+            host = f"{media.advertise_host}:{engine.media_port()}"
+            response = await ari.external_media(app=config.ari.app, channel_id=self.media_channel_id,
+                                                external_host=host, format=media.codec)
+            variables = response.get("channelvars") or {}
+            try:
+                peer = variables["UNICASTRTP_LOCAL_ADDRESS"], int(variables["UNICASTRTP_LOCAL_PORT"])
+            except (KeyError, ValueError):
+                raise SetupFailed(f"the externalMedia answer has no usable UNICASTRTP_LOCAL_ADDRESS/PORT: "
+                                  f"{variables!r}") from None
+            try:
+                self.session.bind_peer(*peer)
+            except (ValueError, PeerNotAllowed) as e:
+                raise SetupFailed(str(e)) from None
+        else:
+            host = f"{media.advertise_host}:{engine.media_port()}"
+            await ari.external_media(app=config.ari.app, channel_id=self.media_channel_id, external_host=host,
+                                     format=media.audiosocket_format, encapsulation="audiosocket",
+                                     transport="tcp", data=str(self.session_uuid))
+        # Adding the media channel before its own StasisStart gives 422 (PROTOCOLS.md §6).
+        self.media_started.addTimeout(config.calls.setup_timeout, self.reactor)
+        try:
+            await self.media_started
+        except TimeoutError:
+            raise SetupFailed(f"Asterisk did not start the media channel within {config.calls.setup_timeout:g}s") \
+                from None
+        for attempt in range(5):
+            try:
+                await ari.add_channel(self.bridge_id, [self.call_id, self.media_channel_id])
+                break
+            except ARIUnprocessable:
+                # "not in Stasis": only possible when its start was inferred after an ARI outage
+                if attempt == 4:
+                    raise
+                await deferLater(self.reactor, 0.05, lambda: None)
+        self._bridged_at = self.reactor.seconds()
+        self.session.play(PRIME_SILENCE, 8000, "prime")
+        if self.config.calls.no_audio_seconds:
+            self._timers["no_audio"] = self.reactor.callLater(self.config.calls.no_audio_seconds, self._no_audio)
+        self.player = self._make_player()
+        self.set_up()
+        start = self.provider.start(self)
+        start.addTimeout(config.calls.provider_timeout, self.reactor)
+        try:
+            await start
+        except TimeoutError:
+            raise ProviderError(f"provider {self.provider_name} did not start within "
+                                f"{config.calls.provider_timeout:g}s") from None
+        self.log.info("call {call_id} from {caller} up: provider {provider}, context {context}, {transport}",
+                      call_id=self.call_id, caller=self.caller_number, provider=self.provider_name,
+                      context=self.context_name, transport=self.config.media.transport)
+
+    async def _choose_provider_and_context(self) -> None:
+        variables = dict(self.channel.channelvars or {})
+        wanted = [name for name in ("AI_PROVIDER", "AI_CONTEXT") if name not in variables]
+        if wanted:
+            results = await DeferredList([self.engine.ari.get_variable(self.call_id, name) for name in wanted],
+                                         consumeErrors=True)
+            for name, (ok, value) in zip(wanted, results, strict=True):
+                if ok and value:
+                    variables[name] = value
+        provider = (variables.get("AI_PROVIDER") or "").strip()
+        if provider:
+            if provider in self.engine.providers.factories:
+                self.provider_name = provider
+            else:
+                self.log.warn("call {call_id}: AI_PROVIDER={value!r} is not a provider; using {default}",
+                              call_id=self.call_id, value=provider, default=self.provider_name)
+        context = (variables.get("AI_CONTEXT") or "").strip()
+        if context:
+            if context in self.config.contexts:
+                self.context_name = context
+            else:
+                self.log.warn("call {call_id}: AI_CONTEXT={value!r} is not a context; using {default}",
+                              call_id=self.call_id, value=context, default=self.context_name)
+        self.context = self.config.contexts[self.context_name]
+        if not provider and self.context.provider:
+            self.provider_name = self.context.provider
+
+    def _make_player(self) -> Any:
+        if self.config.media.downstream_mode == "stream":
+            return StreamPlayer(self.session, self._player_idle, self._audio_started)
+        return FilePlayer(self.reactor, self.engine.ari, self.call_id, self.call_id, self.config.media.media_dir,
+                          self.config.media.codec, self.engine.register_playback, self.engine.unregister_playback,
+                          self._player_idle, self._audio_started, self.engine.blocking)
+
+    def _setup_failed(self, failure: Any) -> None:
+        if failure.check(CancelledError) or self._finishing is not None:
+            return None
+        if failure.check(ARINotFound):
+            self.finish("caller left during set-up", caller=None)
+        elif failure.check(ProviderError, SetupFailed):
+            self.fail(failure.getErrorMessage())
+        else:
+            self.log.failure("call {call_id}: set-up failed", failure, call_id=self.call_id)
+            self.fail(f"set-up failed: {failure.getErrorMessage()}")
+        return None
+
+    @property
+    def waiting_for_media(self) -> bool:
+        return self._requested_media and not self.media_started.called
+
+    def media_channel_started(self) -> None:
+        if not self.media_started.called:
+            self.media_started.callback(None)
+
+    # --- the caller's audio (IMediaConsumer) ----------------------------------------------------
+
+    @property
+    def gated(self) -> bool:
+        """The agent has the floor: caller audio is not a new turn (the agent never hears itself)."""
+        return self.state in ("speaking", "connecting") or "guard" in self._timers
+
+    def audio_received(self, frame: bytes) -> None:
+        self._audio_frames += 1
+        provider = self.provider
+        if provider is None or self._failing:
+            return
+        if not provider.wants_turn_taking or not self.gated:
+            provider.push_audio(frame)
+
+    def speech_started(self) -> None:
+        provider = self.provider
+        if provider is None or self._failing:
+            return
+        if not provider.wants_turn_taking:
+            provider.speech_started()
+        elif self.state == "listening" and not self.gated:
+            provider.speech_started()
+            self.turns.speech_started()
+
+    def speech_ended(self) -> None:
+        provider = self.provider
+        if provider is None or self._failing:
+            return
+        if not provider.wants_turn_taking:
+            provider.speech_ended()
+        elif self.state == "listening" and not self.gated:
+            provider.speech_ended()
+            self.turns.speech_ended(getattr(self.session.detector, "last_voiced_at", None))
+
+    def utterance_sent(self, utterance_id: str, ms: int) -> None:
+        if isinstance(self.player, StreamPlayer):
+            self.player.utterance_sent(utterance_id, ms)
+
+    def dtmf_received(self, digit: str) -> None:
+        self.dtmf(digit)
+
+    def dtmf(self, digit: str) -> None:
+        if self.provider is not None and not self._failing:
+            self.provider.dtmf(digit)
+
+    def media_closed(self, reason: str) -> None:
+        self.finish(f"media leg closed ({reason})", caller="hangup")
+
+    # --- turns ---------------------------------------------------------------------------------
+
+    def _turn_over(self) -> None:
+        self._turn_marks = {"speech_end": self.turns.speech_ended_at or self.reactor.seconds(),
+                            "turn_end": self.reactor.seconds()}
+        self.turn_over()
+
+    def _start_turn(self) -> None:
+        self._awaiting_reply_audio = True
+        self._timers["reply"] = self.reactor.callLater(
+            self.config.calls.provider_timeout, self.fail,
+            f"provider {self.provider_name} gave no answer within {self.config.calls.provider_timeout:g}s")
+        self._turn = self.provider.end_of_turn()
+        self._turn.addCallbacks(self._turn_answered, self._turn_failed)
+
+    def _turn_answered(self, _: object) -> None:
+        self._turn = None
+        if self.state == "thinking" and not self._open_utterances and (self.player is None or self.player.idle):
+            self._cancel_timer("reply")
+            self.reply_done()  # the provider chose to say nothing
+
+    def _turn_failed(self, failure: Any) -> None:
+        self._turn = None
+        if failure.check(CancelledError):
+            return None
+        self.fail(f"provider {self.provider_name} failed: {failure.getErrorMessage()}")
+        return None
+
+    # --- the provider's side (IProviderEvents) --------------------------------------------------
+
+    def transcript(self, text: str, final: bool) -> None:
+        if final:
+            self.transcript_append("caller", text)
+
+    def transcript_append(self, speaker: str, text: str) -> None:
+        self.conversation.append((speaker, text))
+
+    def user_speech_started(self) -> None:
+        pass  # barge-in for providers that detect speech themselves: the streaming work builds on this
+
+    def agent_text(self, text: str, utterance_id: str) -> None:
+        self.transcript_append("agent", text)
+
+    def agent_audio(self, pcm: bytes, rate: int, utterance_id: str) -> None:
+        if self._failing or self._finishing is not None or self.player is None:
+            return
+        if self._awaiting_reply_audio and "reply_audio" not in self._turn_marks and self._turn_marks:
+            self._turn_marks["reply_audio"] = self.reactor.seconds()
+        self._open_utterances.add(utterance_id)
+        self._cancel_timer("guard")
+        self.audio_out()
+        self.player.add(pcm, rate, utterance_id)
+
+    def utterance_end(self, utterance_id: str) -> None:
+        self._open_utterances.discard(utterance_id)
+        self._player_idle()
+
+    def tool_request(self, name: str, arguments: dict[str, Any]) -> Deferred[ToolResult]:
+        if name == "hangup":
+            self._after_speaking(lambda: self.finish("agent hung up", caller="hangup"))
+            return succeed(ToolResult(True, "the call ends after the current reply"))
+        if name == "transfer":
+            self._after_speaking(lambda: self.finish("transferred", caller="transfer"))
+            return succeed(ToolResult(True, "transferring after the current reply"))
+        return succeed(ToolResult(False, f"unknown tool {name!r}"))
+
+    def timing(self, stage: str, ms: float) -> None:
+        self._turn_marks[f"provider_{stage}_ms"] = ms
+
+    def error(self, message: str, fatal: bool) -> None:
+        if fatal:
+            self.fail(f"provider {self.provider_name}: {message}")
+        else:
+            self.log.warn("call {call_id}: provider {provider}: {message}", call_id=self.call_id,
+                          provider=self.provider_name, message=message)
+
+    # --- the agent's audio reaching the caller --------------------------------------------------
+
+    def _audio_started(self) -> None:
+        if self._awaiting_reply_audio and self._turn_marks:
+            self._awaiting_reply_audio = False
+            self._turn_marks["heard"] = self.reactor.seconds()
+            self._record_turn()
+
+    def _record_turn(self) -> None:
+        marks = self._turn_marks
+        timing = {key: value for key, value in marks.items() if key.endswith("_ms")}
+        if "speech_end" in marks and "heard" in marks:
+            timing["turn_end_wait_ms"] = round((marks["turn_end"] - marks["speech_end"]) * 1000, 1)
+            timing["voice_to_voice_ms"] = round((marks["heard"] - marks["speech_end"]) * 1000, 1)
+            timing["platform_ms"] = round((marks["heard"] - marks["turn_end"]) * 1000, 1)
+        self.turn_timings.append(timing)
+
+    def _player_idle(self) -> None:
+        if self.state != "speaking" or self._open_utterances or self.player is None or not self.player.idle:
+            return
+        if "guard" in self._timers:
+            return
+        guard = self.config.calls.gate_guard_ms / 1000
+        self._timers["guard"] = self.reactor.callLater(guard, self._guard_over)
+
+    def _guard_over(self) -> None:
+        self._timers.pop("guard", None)
+        self.reply_done()
+        for action in self._pending_actions:
+            action()
+        self._pending_actions.clear()
+
+    def _after_speaking(self, action: Any) -> None:
+        if self.state == "speaking" or self._open_utterances:
+            self._pending_actions.append(action)
+        else:
+            action()
+
+    # --- failure -------------------------------------------------------------------------------
+
+    def _no_audio(self) -> None:
+        self._timers.pop("no_audio", None)
+        if self._audio_frames == 0 and self._finishing is None:
+            self.engine.count("no_audio")
+            self.log.warn(
+                "call {call_id}: no audio from Asterisk {seconds:g}s after bridging. If the caller spoke, check "
+                "that Asterisk can reach {advertise}:{port} (RTP_ADVERTISE_HOST, firewall: UDP/TCP from Asterisk to "
+                "this host) and that ExternalMedia's external_host is this machine",
+                call_id=self.call_id, seconds=self.config.calls.no_audio_seconds,
+                advertise=self.config.media.advertise_host, port=self.engine.media_port())
+
+    def fail(self, reason: str) -> None:
+        """The provider or the call path broke: apologise, then back to the dialplan (or hang up)."""
+        if self._failing or self._finishing is not None:
+            return
+        self._failing = True
+        self.engine.count("provider_failures")
+        self.log.error("call {call_id}: {reason}; apologising and handing the call back", call_id=self.call_id,
+                       reason=reason)
+        Deferred.fromCoroutine(self._apologise_and_leave(reason))
+
+    async def _apologise_and_leave(self, reason: str) -> None:
+        self._cancel_timer("reply")
+        if self._turn is not None:
+            self._turn.cancel()
+        action = "continue" if self.config.calls.failure_action == "dialplan" else "hangup"
+        try:
+            if self.player is not None:
+                await self.player.stop()
+            await self.engine.apologise(self)
+        except Exception:
+            self.log.failure("call {call_id}: the apology could not be played", call_id=self.call_id)
+        self.finish(reason, caller=action)
+
+    # --- the end -------------------------------------------------------------------------------
+
+    def release(self, reason: str) -> Deferred[None]:
+        """ICallHandle: the engine is shutting down; hand the caller back to the dialplan."""
+        return self.finish(reason, caller="continue").addCallback(lambda _: None)
+
+    def caller_gone(self, reason: str = "caller hung up") -> None:
+        self.finish(reason, caller=None)
+
+    def finish(self, reason: str, caller: str | None) -> Deferred[str]:
+        """End the call once; ``caller``: None (already gone), "hangup", "continue" or "transfer"."""
+        if self._finishing is None:
+            self.end_reason = reason
+            self.end()
+            self._finishing = Deferred.fromCoroutine(self._release(reason, caller))
+            self._finishing.addErrback(lambda f: self.log.failure("call {call_id}: release failed", f,
+                                                                  call_id=self.call_id))
+        finishing: Deferred[str] = Deferred()
+
+        def passed_on(result: Any) -> Any:
+            finishing.callback(self.end_reason)
+            return result
+
+        self._finishing.addBoth(passed_on)
+        return finishing
+
+    async def _release(self, reason: str, caller: str | None) -> str:
+        ari = self.engine.ari
+        for name in list(self._timers):
+            self._cancel_timer(name)
+        self.turns.reset()
+        if self._setup is not None and not self._setup.called:
+            self._setup.cancel()
+        if self._turn is not None:
+            self._turn.cancel()
+        if self.provider is not None:
+            closing = self.provider.close()
+            closing.addTimeout(2, self.reactor)
+            await _quietly(closing, self.log, "closing the provider", self.call_id)
+        if self.player is not None:
+            await _quietly(Deferred.fromCoroutine(self.player.close()), self.log, "stopping playback", self.call_id)
+        if self.session is not None:
+            self.session.close()
+        self.engine.forget_media_channel(self.media_channel_id)
+        if self._requested_media:
+            await _gone_ok(ari.hangup(self.media_channel_id), self.log, self.call_id)
+        if self._created_bridge:
+            await _gone_ok(ari.destroy_bridge(self.bridge_id), self.log, self.call_id)
+        if caller == "hangup":
+            await _gone_ok(ari.hangup(self.call_id), self.log, self.call_id)
+        elif caller in ("continue", "transfer"):
+            await _gone_ok(self._continue(caller), self.log, self.call_id)
+        self.engine.forget(self)
+        self.log.info("call {call_id} ended: {reason} after {seconds:.1f}s", call_id=self.call_id, reason=reason,
+                      seconds=self.reactor.seconds() - self.started_at)
+        if not self.ended.called:
+            self.ended.callback(reason)
+        return reason
+
+    def _continue(self, why: str) -> Deferred[None]:
+        calls = self.config.calls
+        if why == "transfer" and calls.transfer_context:
+            context, extension, priority = calls.transfer_context, calls.transfer_extension, calls.transfer_priority
+        elif calls.fallback_context:
+            context, extension, priority = calls.fallback_context, calls.fallback_extension, calls.fallback_priority
+        else:
+            return self.engine.ari.continue_in_dialplan(self.call_id)  # the priority after Stasis()
+        return self.engine.ari.continue_in_dialplan(self.call_id, context=context, extension=extension or None,
+                                                    priority=priority)
+
+    def _cancel_timer(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def summary(self) -> dict[str, Any]:
+        return {"call_id": self.call_id, "caller": self.caller_number, "state": self.state,
+                "provider": self.provider_name, "context": self.context_name, "transcript": list(self.conversation),
+                "turns": list(self.turn_timings), "end_reason": self.end_reason,
+                "media": self.session.stats() if self.session is not None else {}}
+
+
+async def _gone_ok(d: Deferred[Any], log: Logger, call_id: str) -> None:
+    """Teardown: 404 means already gone; anything else is logged, never raised."""
+    try:
+        await d
+    except ARINotFound:
+        pass
+    except ARIError as e:
+        log.warn("call {call_id}: clean-up request failed: {error}", call_id=call_id, error=str(e))
+
+
+async def _quietly(d: Deferred[Any], log: Logger, what: str, call_id: str) -> None:
+    try:
+        await d
+    except Exception:
+        log.failure("call {call_id}: {what} failed", call_id=call_id, what=what)

@@ -1,0 +1,238 @@
+"""The call engine: turns ARI events into calls and gives each call what it needs.
+
+A caller channel's ``StasisStart`` makes a :class:`~twisted_agent.calls.call.Call` (unless the engine
+is draining or full: then the caller goes back to the dialplan unanswered). Our own media channels
+are told apart from callers by the ids we gave them. Hang-up, playback and DTMF events are routed to
+the call they belong to; after an ARI outage every call is checked against Asterisk, so a caller who
+hung up while the events socket was down does not leave an orphaned bridge.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from importlib import resources
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from twisted_agent.ari import events as ev
+from twisted_agent.ari.errors import ARIError, ARINotFound
+from twisted_agent.calls.call import Call
+from twisted_agent.calls.playback import ENCODERS, FILE_PREFIX, FilePlayer, StreamPlayer, sweep, write_atomically
+from twisted_agent.calls.registry import CallRegistry, Refusal
+from twisted_agent.media.codecs import ulaw_decode
+
+MEDIA_CHANNEL_PREFIX = "ai-media-"
+APOLOGY_NAME = "twisted-agent-apology"  # not FILE_PREFIX: the start-up sweep keeps it
+
+
+def bundled_apology() -> bytes:
+    """The apology as 8 kHz PCM: a recording, so it works when the provider (and its TTS) is dead."""
+    return ulaw_decode(resources.files("twisted_agent").joinpath("sounds/apology.ulaw").read_bytes())
+
+
+class _PlaybackWaiter:
+    """Stands in for a player for one playback: fires when Asterisk has played it."""
+
+    def __init__(self) -> None:
+        self.done: Deferred[str] = Deferred()
+
+    def playback_started(self, playback_id: str) -> None:
+        pass
+
+    def playback_finished(self, playback_id: str, state: str) -> None:
+        if not self.done.called:
+            self.done.callback(state)
+
+
+class CallEngine(Service):
+    log = Logger()
+
+    def __init__(self, reactor: Any, config: Any, ari: Any, media: Any, registry: CallRegistry,
+                 providers: Any) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.ari_service = ari
+        self.ari = ari.rest
+        self.media = media
+        self.registry = registry
+        self.providers = providers
+        self.calls: dict[str, Call] = {}
+        self._media_channels: dict[str, Call] = {}
+        self._playbacks: dict[str, Any] = {}
+        self.counters: Counter[str] = Counter()
+        self.apology_pcm = bundled_apology()
+        self.finished: list[dict[str, Any]] = []  # recent call summaries (the store keeps history)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        Service.startService(self)
+        media = self.config.media
+        if media.downstream_mode == "file":
+            self._prepare_media_dir(media.media_dir)
+        self.ari_service.events.add_listener(self.on_event)
+        self.ari_service.events.add_connection_listener(self.on_connection)
+
+    def _prepare_media_dir(self, media_dir: str) -> None:
+        try:
+            removed = sweep(media_dir)
+            if removed:
+                self.log.info("removed {count} reply file(s) left in {dir} by an earlier run", count=len(removed),
+                              dir=media_dir)
+            write_atomically(self.apology_path() + "." + self.config.media.codec,
+                             ENCODERS[self.config.media.codec](self.apology_pcm))
+        except OSError as e:
+            self.log.error("MEDIA_DIR {dir} is not usable ({error}): file playback and the apology will fail; "
+                           "run `ai-agent check`", dir=media_dir, error=e.strerror or str(e))
+
+    def apology_path(self) -> str:
+        return os.path.join(self.config.media.media_dir, APOLOGY_NAME)
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        self.ari_service.events.remove_listener(self.on_event)
+
+    # --- ARI events -----------------------------------------------------------------------------
+
+    def on_event(self, event: Any) -> None:
+        if isinstance(event, ev.StasisStart):
+            self._stasis_start(event)
+        elif isinstance(event, (ev.StasisEnd, ev.ChannelHangupRequest, ev.ChannelDestroyed)):
+            self._channel_left(event)
+        elif isinstance(event, (ev.PlaybackStarted, ev.PlaybackFinished)):
+            player = self._playbacks.get(event.playback.id)
+            if player is not None:
+                if isinstance(event, ev.PlaybackStarted):
+                    player.playback_started(event.playback.id)
+                else:
+                    player.playback_finished(event.playback.id, event.playback.state)
+        elif isinstance(event, ev.ChannelDtmfReceived):
+            call = self.calls.get(event.channel.id)
+            if call is not None:
+                call.dtmf(event.digit)
+
+    def _stasis_start(self, event: Any) -> None:
+        channel = event.channel
+        call = self._media_channels.get(channel.id)
+        if call is not None:
+            call.media_channel_started()
+            return
+        if channel.id.startswith(MEDIA_CHANNEL_PREFIX):
+            # one of ours that no call waits for (left over from a call that is gone): remove it
+            self.log.info("hanging up stray media channel {channel}", channel=channel.id)
+            self.ari.hangup(channel.id).addErrback(lambda f: None)
+            return
+        if channel.id in self.calls:
+            return
+        call = Call(self, channel)
+        try:
+            self.registry.admit(call)
+        except Refusal as refusal:
+            self.counters[f"refused_{refusal.reason}"] += 1
+            self.log.info("call {call_id} from {caller} not taken ({reason}): back to the dialplan",
+                          call_id=channel.id, caller=channel.caller.number, reason=refusal.reason)
+            call._continue("refused").addErrback(lambda f: None)  # not answered: the dialplan goes on
+            return
+        self.calls[channel.id] = call
+        self.counters["calls"] += 1
+        call.start()
+
+    def _channel_left(self, event: Any) -> None:
+        channel_id = event.channel.id
+        call = self.calls.get(channel_id)
+        if call is not None:
+            cause = getattr(event, "cause_txt", None) or "caller hung up"
+            call.caller_gone(f"caller hung up ({cause})" if cause != "caller hung up" else cause)
+            return
+        call = self._media_channels.get(channel_id)
+        if call is not None and isinstance(event, (ev.StasisEnd, ev.ChannelDestroyed)):
+            call.fail("the media channel ended unexpectedly")
+
+    def on_connection(self, connected: bool) -> None:
+        if connected and self.calls:
+            Deferred.fromCoroutine(self._reconcile())
+
+    async def _reconcile(self) -> None:
+        """After an outage: calls whose caller left meanwhile are ended (their events were lost)."""
+        for call in list(self.calls.values()):
+            try:
+                await self.ari.get_channel(call.call_id)
+            except ARINotFound:
+                self.counters["lost_during_outage"] += 1
+                call.caller_gone("caller left during the ARI outage")
+                continue
+            except ARIError as e:
+                self.log.warn("could not check call {call_id} after reconnecting: {error}", call_id=call.call_id,
+                              error=str(e))
+                continue
+            try:
+                if call.waiting_for_media:
+                    # its media channel's StasisStart may have come while nobody listened
+                    await self.ari.get_channel(call.media_channel_id)
+                    call.media_channel_started()
+                if isinstance(call.player, FilePlayer):
+                    await call.player.reconcile()
+            except ARINotFound:
+                pass  # the media channel does not exist yet: its StasisStart is still to come
+            except ARIError as e:
+                self.log.warn("could not check call {call_id} after reconnecting: {error}", call_id=call.call_id,
+                              error=str(e))
+
+    # --- what calls use -------------------------------------------------------------------------
+
+    def media_port(self) -> int:
+        bound = self.media.bound_address()
+        return bound[1] if bound else self.config.media.rtp_port
+
+    def expect_media_channel(self, channel_id: str, call: Call) -> None:
+        self._media_channels[channel_id] = call
+
+    def forget_media_channel(self, channel_id: str) -> None:
+        self._media_channels.pop(channel_id, None)
+
+    def register_playback(self, playback_id: str, player: Any) -> None:
+        self._playbacks[playback_id] = player
+
+    def unregister_playback(self, playback_id: str) -> None:
+        self._playbacks.pop(playback_id, None)
+
+    def forget(self, call: Call) -> None:
+        if self.calls.get(call.call_id) is call:
+            del self.calls[call.call_id]
+            self.finished.append(call.summary())
+            del self.finished[:-100]
+        self.registry.discard(call.call_id)
+
+    def count(self, what: str) -> None:
+        self.counters[what] += 1
+
+    async def apologise(self, call: Call) -> None:
+        """Play the recorded apology to the caller and wait until it has been heard."""
+        seconds = len(self.apology_pcm) / 16000
+        if call.session is not None and call.session.bound and (
+                isinstance(call.player, StreamPlayer) or self.config.media.downstream_mode == "stream"):
+            call.session.play(self.apology_pcm, 8000, "apology")
+            await deferLater(self.reactor, seconds + 0.2, lambda: None)
+            return
+        playback_id = f"{FILE_PREFIX}apology-{call.call_id}"
+        waiter = _PlaybackWaiter()
+        self.register_playback(playback_id, waiter)
+        try:
+            await self.ari.play(call.call_id, f"sound:{self.apology_path()}", playback_id=playback_id)
+            waiter.done.addTimeout(seconds + 3, self.reactor)
+            await waiter.done
+        finally:
+            self.unregister_playback(playback_id)
+
+    def blocking(self, function: Any, *args: Any) -> Deferred[Any]:
+        """Run file I/O or encoding off the reactor thread (tests swap in a synchronous runner)."""
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), function, *args)
+
+    def stats(self) -> dict[str, Any]:
+        return {"active": len(self.calls), **self.counters}
