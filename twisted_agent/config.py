@@ -178,15 +178,42 @@ class CallsConfig:
 
 @dataclass(frozen=True)
 class LocalProviderConfig:
+    models_dir: str = setting(
+        "MODELS_DIR", "/var/lib/ai-agent/models", s.absolute_path,
+        "where `ai-agent models install` puts converted and assembled models")
     stt_model: str = setting(
         "WHISPER_MODEL", "tiny.en", s.nonempty_text,
-        "Whisper model name (installed by ai-agent models install) or path")
+        "Whisper model: an installed name (tiny.en, base) or a path to a .pt file")
+    stt_backend: str = setting(
+        "STT_BACKEND", "openai-whisper", s.choice("openai-whisper", "faster-whisper"),
+        "Whisper implementation (faster-whisper uses less memory, where installed)")
+    stt_workers: int = setting(
+        "STT_WORKERS", 1, s.integer(1, 16), "speech-recognition worker processes (each holds a model)")
     llm_backend: str = setting(
-        "LLM_BACKEND", "ollama", s.choice("ollama", "openai-compatible", "embedded"), "where the language model runs")
+        "LLM_BACKEND", "auto", s.choice("auto", "ollama", "openai-compatible", "embedded"),
+        "where the language model runs; auto = Ollama when it answers at OLLAMA_HOST, else the embedded model")
     ollama_host: str = setting("OLLAMA_HOST", "http://127.0.0.1:11434", s.ollama_host, "Ollama server URL")
     llm_model: str = setting(
-        "LLM_MODEL", "qwen2.5:0.5b", s.nonempty_text, "model name (Ollama tag, server model or GGUF path)")
-    tts_voice: str = setting("TTS_VOICE", "en_US-joe-medium", s.nonempty_text, "Piper voice name or .onnx path")
+        "LLM_MODEL", "qwen2.5:0.5b", s.nonempty_text, "model for Ollama (tag) or the OpenAI-compatible server")
+    llm_keep_alive: str = setting("LLM_KEEP_ALIVE", "30m", s.nonempty_text, "Ollama keep_alive for the model")
+    openai_compatible_url: str = setting(
+        "OPENAI_COMPATIBLE_URL", "http://127.0.0.1:8011/v1", s.http_url(), "base URL of a /v1/chat/completions server")
+    embedded_model: str = setting(
+        "EMBEDDED_MODEL", "qwen2.5-0.5b", s.nonempty_text,
+        "embedded llama.cpp model: an installed name (qwen2.5-0.5b, smollm2-135m) or a .gguf path")
+    llm_max_tokens: int = setting("LLM_MAX_TOKENS", 80, s.integer(8, 2048), "longest reply, in tokens")
+    llm_temperature: float = setting("LLM_TEMPERATURE", 0.3, s.number(0, 2), "sampling temperature")
+    history_turns: int = setting(
+        "HISTORY_TURNS", 8, s.integer(1, 100), "caller/agent exchanges kept in the prompt (older ones are dropped)")
+    tts_voice: str = setting(
+        "TTS_VOICE", "en_US-joe-medium", s.nonempty_text, "Piper voice: an installed name or an .onnx path")
+    tts_backend: str = setting(
+        "TTS_BACKEND", "piper", s.choice("piper", "espeak"), "piper, or espeak-ng (no model; robotic)")
+    max_queue: int = setting(
+        "LOCAL_MAX_QUEUE", 8, s.integer(1, 1000),
+        "turns waiting for the shared models beyond which new calls go back to the dialplan")
+    reply_cache: bool = setting(
+        "REPLY_CACHE", False, s.boolean, "reuse the text and audio of a reply to the same question in a context")
 
 
 @dataclass(frozen=True)

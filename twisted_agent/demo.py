@@ -84,12 +84,28 @@ async def run_demo(reactor: Any, config: AgentConfig, out: Any, wav_path: str = 
     code = 1
     try:
         await until(reactor, lambda: service.ari.connected, 10, "the engine to connect to ARI")
+        factory = service.providers.factories[config.calls.default_provider]
+        if not factory.readiness().ready:
+            out.write("loading the models...\n")
+            loading = reactor.seconds()
+            try:
+                await until(reactor, lambda: factory.readiness().ready, 300, "the models")
+            except TimeoutError:
+                readiness = factory.readiness()
+                out.write(f"the provider is not ready: {readiness.detail}\n  fix: {readiness.fix}\n")
+                return 1
+            out.write(f"models ready in {reactor.seconds() - loading:.1f} s: {factory.readiness().detail}\n")
         out.write(f"engine connected to the simulated Asterisk at {sim.ari_url}; transport "
                   f"{config.media.transport}, replies by {config.media.downstream_mode}, provider "
                   f"{config.calls.default_provider}\n")
         rang = reactor.seconds()
         caller = sim.originate(APP, caller_number="+15551230000", caller_name="Demo Caller")
-        await caller.answered
+        answered = caller.answered
+        await until(reactor, lambda: answered.called or caller.ended.called, 30, "the agent to answer")
+        if not answered.called:
+            reason = service.engine.finished[-1]["end_reason"] if service.engine.finished else caller.end_reason
+            out.write(f"the agent did not answer: {reason}\n")
+            return 1
         await until(reactor, lambda: caller.first_heard_at() is not None, 10, "the greeting")
         greeting_at = caller.first_heard_at()
         assert greeting_at is not None
@@ -107,7 +123,12 @@ async def run_demo(reactor: Any, config: AgentConfig, out: Any, wav_path: str = 
         spoke_until = reactor.seconds()
         heard_before = len(caller.heard_segments())
         await until(reactor, lambda: len(caller.heard_segments()) > heard_before, 30, "the answer")
-        await until(reactor, lambda: bool(call.turn_timings), 5, "the turn's timings")
+        try:
+            await until(reactor, lambda: bool(call.turn_timings), 60, "the turn's timings")
+        except TimeoutError:
+            out.write(f"no answer: state {call.state}, conversation {call.conversation}, heard "
+                      f"{caller.heard_segments()}\n")
+            raise
         turn = call.turn_timings[-1]
         caller_text = next((text for speaker, text in reversed(call.conversation) if speaker == "caller"), "")
         agent_text = call.conversation[-1][1]
@@ -116,7 +137,7 @@ async def run_demo(reactor: Any, config: AgentConfig, out: Any, wav_path: str = 
         heard_at = (caller.answered_at or rang) + caller.heard_segments()[-1][0]
         out.write(f"  [{1000 * (heard_at - rang):6.1f} ms] agent:  {agent_text}\n")
         out.write("\n  per-stage latency of the turn:\n")
-        for key in ("turn_end_wait_ms", "platform_ms", "voice_to_voice_ms"):
+        for key in ("turn_end_wait_ms", "after_turn_end_ms", "voice_to_voice_ms"):
             if key in turn:
                 out.write(f"    {key[:-3].replace('_', ' '):<16} {turn[key]:7.1f} ms\n")
         for key, value in turn.items():

@@ -41,7 +41,9 @@ class AgentService(MultiService):
         self.config = config
         self.reactor = reactor
         self.registry = CallRegistry(reactor, max_calls=config.calls.max_calls)
-        self.providers = ProviderCatalog(config, clock=reactor)
+        from twisted_agent.providers.local.pipeline import make_local_factory
+
+        self.providers = ProviderCatalog(config, {"local": make_local_factory(reactor, config)}, clock=reactor)
         self.store = StorePlaceholder(config.store)
 
         self.ari = ARIService(config.ari, reactor)

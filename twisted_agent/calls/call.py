@@ -434,7 +434,7 @@ class Call:
         if "speech_end" in marks and "heard" in marks:
             timing["turn_end_wait_ms"] = round((marks["turn_end"] - marks["speech_end"]) * 1000, 1)
             timing["voice_to_voice_ms"] = round((marks["heard"] - marks["speech_end"]) * 1000, 1)
-            timing["platform_ms"] = round((marks["heard"] - marks["turn_end"]) * 1000, 1)
+            timing["after_turn_end_ms"] = round((marks["heard"] - marks["turn_end"]) * 1000, 1)
         self.turn_timings.append(timing)
 
     def _player_idle(self) -> None:

@@ -78,6 +78,7 @@ class CallEngine(Service):
             self._prepare_media_dir(media.media_dir)
         self.ari_service.events.add_listener(self.on_event)
         self.ari_service.events.add_connection_listener(self.on_connection)
+        self.providers.start()
 
     def _prepare_media_dir(self, media_dir: str) -> None:
         try:
@@ -94,9 +95,10 @@ class CallEngine(Service):
     def apology_path(self) -> str:
         return os.path.join(self.config.media.media_dir, APOLOGY_NAME)
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[Any]:
         Service.stopService(self)
         self.ari_service.events.remove_listener(self.on_event)
+        return self.providers.stop()
 
     # --- ARI events -----------------------------------------------------------------------------
 

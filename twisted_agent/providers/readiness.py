@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred, DeferredList
 from zope.interface import implementer
 
 from twisted_agent.config import PROVIDER_NAMES, AgentConfig
@@ -85,6 +86,21 @@ class ProviderCatalog:
 
     def create(self, name: str) -> Any:
         return self.factories[name].create()
+
+    def in_use(self) -> list[str]:
+        """The default provider and those the contexts name: their models load at start-up."""
+        names = [self._config.calls.default_provider]
+        names += [c.provider for c in self._config.contexts.values() if c.provider and c.provider not in names]
+        return names
+
+    def start(self) -> Deferred[Any]:
+        """Start (load the models of) the providers in use; a provider that fails stays not ready."""
+        starting = [self.factories[name].start() for name in self.in_use() if hasattr(self.factories[name], "start")]
+        return DeferredList(starting, consumeErrors=True)
+
+    def stop(self) -> Deferred[Any]:
+        stopping = [f.stop() for f in self.factories.values() if hasattr(f, "stop")]
+        return DeferredList(stopping, consumeErrors=True)
 
     def status(self) -> ComponentStatus:
         default = self._config.calls.default_provider

@@ -1,0 +1,291 @@
+"""The local provider's turn logic with fake models: streaming, overlap, order, cancellation, cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.task import Clock
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from twisted_agent.config import load_config
+from twisted_agent.providers.base import ICallInfo, IProvider, ProviderError
+from twisted_agent.providers.local.interfaces import (
+    ILanguageModel,
+    ISpeechToText,
+    ITextToSpeech,
+    ModelStatus,
+    Speech,
+    Transcript,
+)
+from twisted_agent.providers.local.pipeline import LocalFactory, LocalPipeline
+
+
+@implementer(ISpeechToText)
+class FakeSTT:
+    def __init__(self, text: str = "What are your opening hours?") -> None:
+        self.text = text
+        self.suppress = False
+        self.pending: Deferred[Transcript] | None = None
+        self.hold = False
+        self.heard: list[int] = []
+
+    def transcribe(self, pcm: bytes, rate: int, language: str | None = None) -> Deferred[Transcript]:
+        self.heard.append(len(pcm))
+        result = Transcript("" if self.suppress else self.text, suppressed=self.suppress,
+                            reason="no speech" if self.suppress else "")
+        if self.hold:
+            self.pending = Deferred()
+            return self.pending.addCallback(lambda _: result)
+        return succeed(result)
+
+    def status(self) -> ModelStatus:
+        return ModelStatus("whisper", True, "whisper tiny.en loaded")
+
+    def start(self) -> Deferred[None]:
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+
+@implementer(ILanguageModel)
+class FakeLLM:
+    """Streams its tokens when the test says so."""
+
+    name = "fake"
+
+    def __init__(self, tokens: list[str]) -> None:
+        self.tokens = tokens
+        self.on_token: Any = None
+        self.reply: Deferred[str] | None = None
+        self.cancelled = False
+        self.messages: list[dict[str, str]] = []
+
+    def chat(self, messages: list[dict[str, str]], on_token: Any) -> Deferred[str]:
+        self.messages = list(messages)
+        self.on_token = on_token
+
+        def cancel(_: Deferred[str]) -> None:
+            self.cancelled = True
+
+        self.reply = Deferred(cancel)
+        return self.reply
+
+    def stream(self, count: int | None = None) -> None:
+        tokens, self.tokens = (self.tokens, []) if count is None else (self.tokens[:count], self.tokens[count:])
+        for token in tokens:
+            self.on_token(token)
+
+    def status(self) -> ModelStatus:
+        return ModelStatus("fake", True, "fake llm")
+
+    def start(self) -> Deferred[None]:
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+
+@implementer(ITextToSpeech)
+class FakeTTS:
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        self.pending: list[Deferred[Any]] = []
+        self.hold = False
+
+    def synthesize(self, text: str, voice: str | None = None) -> Deferred[Speech]:
+        self.requests.append(text)
+        speech = Speech(text.encode() + b"\x00" * (len(text) % 2), 8000)
+        if self.hold:
+            d: Deferred[Any] = Deferred()
+            self.pending.append(d)
+            return d.addCallback(lambda _: speech)
+        return succeed(speech)
+
+    def status(self) -> ModelStatus:
+        return ModelStatus("piper", True, "piper joe")
+
+    def start(self) -> Deferred[None]:
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+
+@implementer(ICallInfo)
+class Sink:
+    """The call: ICallInfo and IProviderEvents in one."""
+
+    def __init__(self, config: Any) -> None:
+        self.call_id = "c1"
+        self.caller_number = "+1555"
+        self.caller_name = "T"
+        self.context_name = "default"
+        self.context = config.contexts["default"]
+        self.events = self
+        self.log: list[tuple[Any, ...]] = []
+
+    def transcript(self, text: str, final: bool) -> None:
+        self.log.append(("transcript", text))
+
+    def user_speech_started(self) -> None:
+        self.log.append(("speech",))
+
+    def agent_text(self, text: str, utterance_id: str) -> None:
+        self.log.append(("text", text))
+
+    def agent_audio(self, pcm: bytes, rate: int, utterance_id: str) -> None:
+        self.log.append(("audio", pcm.rstrip(b"\x00").decode()))
+
+    def utterance_end(self, utterance_id: str) -> None:
+        self.log.append(("end",))
+
+    def tool_request(self, name: str, arguments: dict[str, Any]) -> Any:
+        return succeed(None)
+
+    def timing(self, stage: str, ms: float) -> None:
+        self.log.append(("timing", stage))
+
+    def error(self, message: str, fatal: bool) -> None:
+        self.log.append(("error", message, fatal))
+
+    def audio(self) -> list[str]:
+        return [entry[1] for entry in self.log if entry[0] == "audio"]
+
+
+def make(tokens: list[str], **env: str) -> tuple[Any, Sink, FakeSTT, FakeLLM, FakeTTS, LocalPipeline]:
+    config = load_config(None, {"CONTEXT_DEFAULT_GREETING": "", **env})
+    stt, llm, tts = FakeSTT(), FakeLLM(tokens), FakeTTS()
+    pipeline = LocalPipeline(Clock(), config, stt, llm, tts)
+    provider = LocalFactory(pipeline).create()
+    sink = Sink(config)
+    provider.start(sink)
+    for _ in range(25):
+        provider.push_audio(bytes(320))
+    return provider, sink, stt, llm, tts, pipeline
+
+
+def test_fakes_and_provider_match_their_interfaces():
+    provider, _, stt, llm, tts, _ = make([])
+    assert verifyObject(IProvider, provider)
+    assert verifyObject(ISpeechToText, stt) and verifyObject(ILanguageModel, llm) and verifyObject(ITextToSpeech, tts)
+
+
+def test_first_sentence_is_spoken_while_the_model_is_still_writing():
+    tokens = ["We are", " open from", " nine to five", " on Saturday.", " On Sunday", " we are closed."]
+    provider, sink, stt, llm, tts, _ = make(tokens)
+    turn = provider.end_of_turn()
+    assert stt.heard == [25 * 320], "the turn's audio went to speech recognition"
+    assert ("transcript", "What are your opening hours?") in sink.log
+    llm.stream(4)
+    assert sink.audio() == [], "a full stop is a sentence end only once the next text confirms it (not 3.5, Dr.)"
+    llm.stream(1)
+    assert sink.audio() == ["We are open from nine to five on Saturday."], "spoken before the reply is complete"
+    assert not turn.called
+    llm.stream()
+    assert llm.reply is not None
+    llm.reply.callback("".join(tokens))
+    assert turn.called
+    assert sink.audio() == ["We are open from nine to five on Saturday.", "On Sunday we are closed."]
+    assert sink.log[-1] == ("end",)
+    stages = [entry[1] for entry in sink.log if entry[0] == "timing"]
+    assert stages[:3] == ["stt", "llm_first_token", "first_sentence"] and "tts_first_sentence" in stages
+    assert llm.messages[0]["role"] == "system" and llm.messages[-1] == {"role": "user",
+                                                                      "content": "What are your opening hours?"}
+
+
+def test_pieces_are_spoken_in_order_even_when_synthesis_is_slow():
+    provider, sink, _, llm, tts, _ = make(["One two three four five.", " Six seven.", " Eight nine."])
+    tts.hold = True
+    turn = provider.end_of_turn()
+    llm.stream()
+    assert llm.reply is not None
+    llm.reply.callback("done")
+    assert tts.requests == ["One two three four five."], "the next piece waits for the one before"
+    for _ in range(3):
+        tts.pending[-1].callback(None)
+    assert sink.audio() == ["One two three four five.", "Six seven.", "Eight nine."]
+    assert turn.called
+
+
+def test_suppressed_transcript_gets_no_answer():
+    provider, sink, stt, llm, _, _ = make(["Hi."])
+    stt.suppress = True
+    turn = provider.end_of_turn()
+    assert turn.called and llm.reply is None and sink.audio() == []
+
+
+def test_cancelling_the_turn_stops_the_model_and_pending_speech():
+    provider, sink, _, llm, tts, _ = make(["First sentence here now.", " Second one."])
+    tts.hold = True
+    turn = provider.end_of_turn()
+    llm.stream(1)
+    turn.cancel()
+    assert llm.cancelled
+    assert isinstance(_failure(turn), CancelledError)
+    for d in tts.pending:
+        if not d.called:
+            d.callback(None)
+    assert sink.audio() == [] or sink.audio() == ["First sentence here now."]
+    provider.close()
+    assert ("end",) not in sink.log
+
+
+def _failure(d: Deferred[Any]) -> Any:
+    failures: list[Any] = []
+    d.addErrback(lambda f: failures.append(f.value))
+    return failures[0] if failures else None
+
+
+def test_history_carries_the_conversation_and_is_bounded():
+    provider, sink, stt, llm, _, _ = make(["Fine."], HISTORY_TURNS="2")
+    for n in range(4):
+        stt.text = f"question {n}"
+        llm.tokens = [f"Answer {n}."]
+        provider.push_audio(bytes(320))
+        provider.end_of_turn()
+        llm.stream()
+        assert llm.reply is not None
+        llm.reply.callback(f"Answer {n}.")
+    contents = [m["content"] for m in llm.messages]
+    assert llm.messages[0]["role"] == "system"
+    assert contents[-1] == "question 3"
+    assert "question 0" not in contents, "the oldest exchange was dropped"
+    assert "Answer 2." in contents, "the latest exchange is kept"
+
+
+def test_reply_cache_reuses_text_and_audio(tmp_path: Any):
+    provider, sink, stt, llm, tts, pipeline = make(["We open at nine."], REPLY_CACHE="true")
+    provider.end_of_turn()
+    llm.stream()
+    assert llm.reply is not None
+    llm.reply.callback("We open at nine.")
+    synthesized = len(tts.requests)
+    provider.push_audio(bytes(320))
+    llm.reply = None
+    second = provider.end_of_turn()
+    assert second.called and llm.reply is None, "no model ran"
+    assert len(tts.requests) == synthesized and pipeline.cache_hits == 1
+    assert sink.audio()[-1] == "We open at nine."
+
+
+def test_busy_pipeline_refuses_new_calls():
+    provider, _, stt, _, _, pipeline = make(["x."], LOCAL_MAX_QUEUE="1")
+    stt.hold = True
+    provider.end_of_turn()
+    assert pipeline.pending_turns == 1
+    with pytest.raises(ProviderError, match="busy"):
+        LocalFactory(pipeline).create()
+
+
+def test_greeting_is_synthesized_and_recorded():
+    config = load_config(None, {"CONTEXT_DEFAULT_GREETING": "Hello there."})
+    pipeline = LocalPipeline(Clock(), config, FakeSTT(), FakeLLM([]), FakeTTS())
+    provider = LocalFactory(pipeline).create()
+    sink = Sink(config)
+    assert provider.start(sink).called
+    assert sink.audio() == ["Hello there."] and sink.log[-1] == ("end",)
+    assert provider.history.messages()[-1] == {"role": "assistant", "content": "Hello there."}
