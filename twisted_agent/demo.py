@@ -39,6 +39,17 @@ def _free_port(kind: int) -> int:
         return int(sock.getsockname()[1])
 
 
+def _why_not(provider: str, config: AgentConfig) -> str:
+    """Why ``provider`` cannot take the demo call on this machine ("" when it can)."""
+    if provider == "local":
+        from twisted_agent.providers.local.pipeline import missing_models
+
+        return missing_models(config)
+    if provider == "echo":
+        return ""
+    return "its adapter is not built yet"
+
+
 def question_clip() -> bytes:
     """ "Hello, what are your opening hours on Saturday?" (espeak-ng), 8 kHz s16le."""
     return resources.files("twisted_agent.sim").joinpath("clips/question.sl").read_bytes()
@@ -72,13 +83,12 @@ async def run_demo(reactor: Any, config: AgentConfig, out: Any, wav_path: str = 
         calls=dataclasses.replace(config.calls, default_provider=provider or config.calls.default_provider,
                                   no_audio_seconds=0, drain_timeout=2),
     )
-    service = AgentService(config, reactor)
     chosen = config.calls.default_provider
-    if provider is None and not service.providers.factories[chosen].readiness().ready:
-        out.write(f"provider {chosen} is not ready ({service.providers.factories[chosen].readiness().detail}); "
-                  "the demo uses the echo provider\n")
+    unavailable = _why_not(chosen, config)
+    if provider is None and unavailable:
+        out.write(f"provider {chosen} cannot run here ({unavailable}); the demo uses the echo provider\n")
         config = dataclasses.replace(config, calls=dataclasses.replace(config.calls, default_provider="echo"))
-        service = AgentService(config, reactor)
+    service = AgentService(config, reactor)
     service.privilegedStartService()
     service.startService()
     code = 1

@@ -73,6 +73,22 @@ class LocalPipeline:
         return ProviderReadiness("local", True, detail)
 
 
+def missing_models(config: AgentConfig) -> str:
+    """Why the local pipeline cannot run (a model is not installed), or "" when everything is there."""
+    from twisted_agent.providers.local import models
+
+    local = config.providers.local
+    try:
+        models.whisper_path(local, local.stt_model)
+        if local.tts_backend == "piper":
+            models.piper_voice_paths(local, local.tts_voice)
+        if local.llm_backend in ("auto", "embedded"):
+            models.gguf_path(local, local.embedded_model)
+    except models.ModelMissing as e:
+        return str(e)
+    return ""
+
+
 _NORMALISE = re.compile(r"[^a-z0-9 ]+")
 
 
