@@ -11,13 +11,9 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from twisted_agent.demo import free_port as free_port  # one helper for package and tests
+
 BIN = os.path.dirname(sys.executable)
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def loopback_env(**extra: str) -> dict[str, str]:

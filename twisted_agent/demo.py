@@ -26,14 +26,15 @@ APP = "asterisk-ai-voice-agent"
 
 def loopback(config: AgentConfig) -> AgentConfig:
     """The same configuration on free loopback ports, so the demo never clashes with a running engine."""
-    media = dataclasses.replace(config.media, rtp_host="127.0.0.1", rtp_port=_free_port(socket.SOCK_DGRAM),
-                                audiosocket_host="127.0.0.1", audiosocket_port=_free_port(socket.SOCK_STREAM),
+    media = dataclasses.replace(config.media, rtp_host="127.0.0.1", rtp_port=free_port(socket.SOCK_DGRAM),
+                                audiosocket_host="127.0.0.1", audiosocket_port=free_port(socket.SOCK_STREAM),
                                 advertise_host="127.0.0.1")
     web = dataclasses.replace(config.web, host="127.0.0.1", port=0)
     return dataclasses.replace(config, media=media, web=web)
 
 
-def _free_port(kind: int) -> int:
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port nothing on 127.0.0.1 holds right now (for loopback-only runs: demo, tests, benchmarks)."""
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

@@ -67,7 +67,6 @@ class Call:
         self._created_bridge = False
         self._requested_media = False
         self._pending_actions: list[Any] = []
-        self._bridged_at: float | None = None
         self._audio_frames = 0
         self._open_utterances: set[str] = set()
         self._turn: Deferred[Any] | None = None
@@ -224,7 +223,6 @@ class Call:
                 if attempt == 4:
                     raise
                 await deferLater(self.reactor, 0.05, lambda: None)
-        self._bridged_at = self.reactor.seconds()
         self.session.play(PRIME_SILENCE, 8000, "prime")
         if self.config.calls.no_audio_seconds:
             self._timers["no_audio"] = self.reactor.callLater(self.config.calls.no_audio_seconds, self._no_audio)
