@@ -32,7 +32,8 @@ from twisted_agent.demo import APP, loopback, question_clip, sleep, until  # noq
 from twisted_agent.service import AgentService  # noqa: E402
 from twisted_agent.sim import AsteriskSimulator  # noqa: E402
 
-STAGES = ["turn_end_wait_ms", "provider_stt_ms", "provider_llm_first_token_ms", "provider_first_sentence_ms",
+STAGES = ["turn_end_wait_ms", "provider_speculation_head_start_ms",
+          "provider_stt_ms", "provider_llm_first_token_ms", "provider_first_sentence_ms",
           "provider_tts_first_sentence_ms", "after_turn_end_ms", "voice_to_voice_ms"]
 
 
@@ -43,6 +44,8 @@ def percentile(values: list[float], fraction: float) -> float:
 
 async def ask(reactor: Any, service: AgentService, caller: Any) -> dict[str, float]:
     call = service.engine.calls[caller.channel_id]
+    # the state is "listening" for a moment before the greeting starts: wait until it was heard
+    await until(reactor, lambda: caller.first_heard_at() is not None, 60, "the greeting")
     await until(reactor, lambda: call.state == "listening", 60, "the agent to finish speaking")
     turns = len(call.turn_timings)
     await caller.say(question_clip())
@@ -55,7 +58,8 @@ async def run(reactor: Any, turns: int, mode: str, models_dir: str | None) -> No
     media_dir = tempfile.mkdtemp(prefix="ai-agent-bench-")
     sim = AsteriskSimulator(reactor, username="ai-agent", password="bench")
     await sim.start()
-    env = {"MODELS_DIR": models_dir} if models_dir else {}
+    # settings from the environment apply (VAD_END_MS=200, SPECULATE=false, FIRST_PIECE_WORDS=0 ...)
+    env = dict(os.environ, **({"MODELS_DIR": models_dir} if models_dir else {}))
     config = loopback(load_config(None, env))
     config = dataclasses.replace(
         config,
@@ -94,6 +98,9 @@ async def run(reactor: Any, turns: int, mode: str, models_dir: str | None) -> No
                       f"{max(values):>8.1f}")
         print(f"outbound send lateness while the models ran: p99 {lateness.percentile_ms(0.99):.2f} ms, "
               f"max {lateness.maximum * 1000:.2f} ms over {lateness.count - frames_before} frames")
+        provider = service.engine.calls[caller.channel_id].provider
+        print(f"speculative turns: {provider.speculations_used} adopted, {provider.speculations_discarded} discarded "
+              f"(the caller went on); whisper: {service.providers.factories['local'].pipeline.stt.stats()}")
         answers = [text for speaker, text in service.engine.calls[caller.channel_id].conversation if speaker == "agent"]
         print(f"last answer: {answers[-1]!r}")
         await caller.hangup()

@@ -83,7 +83,8 @@ def test_every_setting_is_overridable_from_the_environment(tmp_path):
         "STT_BACKEND": "faster-whisper", "STT_WORKERS": "2", "LLM_KEEP_ALIVE": "1h",
         "OPENAI_COMPATIBLE_URL": "http://10.0.0.7:8000/v1", "EMBEDDED_MODEL": "smollm2-135m",
         "LLM_MAX_TOKENS": "40", "LLM_TEMPERATURE": "0.7", "HISTORY_TURNS": "4", "TTS_BACKEND": "espeak",
-        "LOCAL_MAX_QUEUE": "3", "REPLY_CACHE": "true", "DEEPGRAM_API_KEY": "dg",
+        "LOCAL_MAX_QUEUE": "3", "REPLY_CACHE": "true", "DEEPGRAM_API_KEY": "dg", "STT_WINDOW": "30",
+        "FIRST_PIECE_WORDS": "0", "SPECULATE": "no",
         "OPENAI_API_KEY": "oa", "OPENAI_REALTIME_MODEL": "m", "LOG_FORMAT": "json", "LOG_LEVEL": "debug",
     }
     assert set(values) - {"CONTEXT_NIGHT_GREETING"} == {info.env for info in c.SETTINGS}, "cover every setting"

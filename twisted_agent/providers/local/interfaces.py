@@ -68,6 +68,11 @@ class ILanguageModel(Interface):
         piece of text as it arrives; fires with the whole reply. Cancelling stops the generation
         (the HTTP request is dropped, the worker told to stop)."""
 
+    def yield_to(busy: Deferred[Any]) -> None:
+        """Work that matters more than the rest of a reply (the first piece of a reply being
+        synthesized: the caller is waiting for it) is running until ``busy`` fires. A backend on
+        this machine's CPU pauses generating between tokens until then (bounded); others ignore it."""
+
     def status() -> ModelStatus:
         """Whether the backend can answer now."""
 

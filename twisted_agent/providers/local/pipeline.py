@@ -6,12 +6,22 @@ coroutine: transcribe the caller's audio, stream the language model's reply, cut
 (or, for the first piece, clause) boundaries and synthesize each piece as soon as it is complete,
 so the caller hears the first sentence while the model is still writing the rest. Cancelling the
 turn (barge-in, hang-up) stops transcription, the token stream and pending synthesis.
+
+**Speculation.** The engine ends the caller's turn ``TURN_END_MS`` after their last word, to be
+sure they are done; the VAD reports the pause earlier (``VAD_END_MS``). With ``SPECULATE`` on, the
+turn starts at that first pause on the audio so far, and everything it would tell the call (the
+transcript, timings, reply audio) and every change to the conversation history is held. When the
+turn ends, the held work is adopted and released at once (often the first reply audio is already
+synthesized); if the caller speaks again first, it is cancelled and forgotten, and the next pause
+starts over on the whole utterance, so a sentence with a pause in it gets one answer.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
@@ -96,6 +106,67 @@ def normalise(text: str) -> str:
     return " ".join(_NORMALISE.sub(" ", text.lower()).split())
 
 
+class HeldEvents:
+    """What a turn tells the call (``IProviderEvents``), held back while the turn is speculative.
+
+    Events and deferred actions (``later``) are recorded in order until :meth:`release`, which
+    replays them into the call and from then on passes everything straight through. A turn that
+    was never speculative is created released.
+    """
+
+    def __init__(self, events: Any, released: bool = False) -> None:
+        self._events = events
+        self.released = released
+        self._held: list[Callable[[], Any]] = []
+
+    def release(self) -> None:
+        held, self._held = self._held, []
+        self.released = True
+        for action in held:
+            action()
+
+    def later(self, action: Callable[[], Any]) -> None:
+        """Run ``action`` now if released, else when released (never, if the turn is discarded)."""
+        if self.released:
+            action()
+        else:
+            self._held.append(action)
+
+    def timing(self, stage: str, ms: float) -> None:
+        self.later(lambda: self._events.timing(stage, ms))
+
+    def transcript(self, text: str, final: bool) -> None:
+        self.later(lambda: self._events.transcript(text, final))
+
+    def agent_text(self, text: str, utterance_id: str) -> None:
+        self.later(lambda: self._events.agent_text(text, utterance_id))
+
+    def agent_audio(self, pcm: bytes, rate: int, utterance_id: str) -> None:
+        self.later(lambda: self._events.agent_audio(pcm, rate, utterance_id))
+
+    def utterance_end(self, utterance_id: str) -> None:
+        self.later(lambda: self._events.utterance_end(utterance_id))
+
+
+class _Speculation:
+    def __init__(self, turn: Deferred[Any], events: HeldEvents, started: float) -> None:
+        self.turn = turn
+        self.events = events
+        self.started = started
+
+
+def _when_done(d: Deferred[Any]) -> Deferred[None]:
+    """A Deferred that fires (with None) when ``d`` does, leaving ``d``'s result alone."""
+    done: Deferred[None] = Deferred()
+
+    def fire(result: Any) -> Any:
+        done.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return done
+
+
 @implementer(IProvider)
 class LocalProvider:
     name = "local"
@@ -112,8 +183,12 @@ class LocalProvider:
         self.history: Any = None
         self._audio = bytearray()
         self._turn: Deferred[Any] | None = None
+        self._speculation: _Speculation | None = None
         self._ids = itertools.count(1)
         self.closed = False
+        #: speculative turns adopted at the turn end, and discarded because the caller went on
+        self.speculations_used = 0
+        self.speculations_discarded = 0
 
     # --- IProvider ------------------------------------------------------------------------------
 
@@ -130,23 +205,49 @@ class LocalProvider:
         self._audio.extend(frame)
 
     def speech_started(self) -> None:
-        pass
+        self._discard_speculation()
 
     def speech_ended(self) -> None:
-        pass
+        # the caller paused and a turn end is pending: start on the answer now, held until then
+        if self.closed or self.call is None or not self.pipeline.config.providers.local.speculate:
+            return
+        self._discard_speculation()
+        events = HeldEvents(self.call.events)
+        turn = self._begin_turn(bytes(self._audio), events)
+        self._speculation = _Speculation(turn, events, self.reactor.seconds())
 
     def end_of_turn(self) -> Deferred[None]:
         audio, self._audio = bytes(self._audio), bytearray()
+        speculation, self._speculation = self._speculation, None
+        if speculation is not None:
+            # no speech since the pause it started at (that would have discarded it): the frames
+            # since then are silence, and the work is the answer to this turn
+            self.speculations_used += 1
+            speculation.events.release()
+            self.call.events.timing("speculation_head_start", (self.reactor.seconds() - speculation.started) * 1000)
+            self._turn = speculation.turn
+            return speculation.turn
+        turn = self._begin_turn(audio, HeldEvents(self.call.events, released=True))
+        self._turn = turn
+        return turn
+
+    def _begin_turn(self, audio: bytes, events: HeldEvents) -> Deferred[None]:
         self.pipeline.pending_turns += 1
-        turn = Deferred.fromCoroutine(self._answer(audio))
+        turn = Deferred.fromCoroutine(self._answer(audio, events))
 
         def done(result: Any) -> Any:
             self.pipeline.pending_turns -= 1
             return result
 
-        turn.addBoth(done)
-        self._turn = turn
-        return turn
+        return turn.addBoth(done)
+
+    def _discard_speculation(self) -> None:
+        speculation, self._speculation = self._speculation, None
+        if speculation is None:
+            return
+        self.speculations_discarded += 1
+        speculation.turn.addErrback(lambda _: None)  # its outcome (cancelled, or a failure) is moot
+        speculation.turn.cancel()
 
     def interrupt(self, heard_ms_by_utterance: dict[str, int]) -> Deferred[None]:
         if self._turn is not None and not self._turn.called:
@@ -161,40 +262,43 @@ class LocalProvider:
 
     def close(self) -> Deferred[None]:
         self.closed = True
+        self._discard_speculation()
         if self._turn is not None and not self._turn.called:
             self._turn.cancel()
         return succeed(None)
 
     # --- a turn ---------------------------------------------------------------------------------
 
-    async def _answer(self, audio: bytes) -> None:
+    async def _answer(self, audio: bytes, events: HeldEvents) -> None:
         from twisted_agent.providers.local.sentences import SentenceSplitter
 
-        events = self.call.events
         pipeline = self.pipeline
+        local = pipeline.config.providers.local
         started = self.reactor.seconds()
         transcript = await pipeline.stt.transcribe(audio, 8000, self.call.context.language)
         events.timing("stt", (self.reactor.seconds() - started) * 1000)
         if transcript.suppressed or not transcript.text.strip():
-            self.log.info("call {call_id}: nothing recognisable said ({reason})", call_id=self.call.call_id,
-                          reason=transcript.reason or "empty")
+            events.later(lambda: self.log.info("call {call_id}: nothing recognisable said ({reason})",
+                                               call_id=self.call.call_id, reason=transcript.reason or "empty"))
             return
         text = transcript.text.strip()
         events.transcript(text, True)
+        # the history changes only when (if) the turn is released; the model sees it changed already
+        prompt = copy.deepcopy(self.history)
+        prompt.add_user(text)
+        events.later(lambda: self.history.add_user(text))
         utterance_id = f"{self.call.call_id}-{next(self._ids)}"
         cache_key = (self.call.context_name, normalise(text))
-        if pipeline.config.providers.local.reply_cache and cache_key in pipeline.reply_cache:
+        if local.reply_cache and cache_key in pipeline.reply_cache:
             pipeline.cache_hits += 1
             reply, speech = pipeline.reply_cache[cache_key]
-            self.history.add_user(text)
             events.agent_text(reply, utterance_id)
             for piece in speech:
                 events.agent_audio(piece.pcm, piece.rate, utterance_id)
             events.utterance_end(utterance_id)
-            self.history.add_assistant(reply)
+            events.later(lambda: self.history.add_assistant(reply))
             return
-        self.history.add_user(text)
-        splitter = SentenceSplitter()
+        splitter = SentenceSplitter(first_piece_words=local.first_piece_words)
         spoken: list[Speech] = []
         synthesis: Deferred[Any] = succeed(None)  # pieces are spoken in order, one after another
         llm_started = self.reactor.seconds()
@@ -202,10 +306,15 @@ class LocalProvider:
 
         def speak_piece(piece: str) -> None:
             nonlocal synthesis
-            if "first_sentence" not in marks:
+            first = "first_sentence" not in marks
+            if first:
                 marks["first_sentence"] = self.reactor.seconds()
                 events.timing("first_sentence", (marks["first_sentence"] - llm_started) * 1000)
-            synthesis = synthesis.addCallback(lambda _: self._synthesize_into(piece, utterance_id, spoken, marks))
+            synthesis = synthesis.addCallback(
+                lambda _: self._synthesize_into(piece, utterance_id, spoken, marks, events))
+            if first:
+                # the caller waits for this piece: the model holds the rest of the reply until it is spoken
+                pipeline.llm.yield_to(_when_done(synthesis))
 
         def on_token(token: str) -> None:
             if "first_token" not in marks:
@@ -214,7 +323,7 @@ class LocalProvider:
             for piece in splitter.feed(token):
                 speak_piece(piece)
 
-        chat = pipeline.llm.chat(self.history.messages(), on_token)
+        chat = pipeline.llm.chat(prompt.messages(), on_token)
         try:
             reply = await chat
         except CancelledError:
@@ -224,27 +333,24 @@ class LocalProvider:
         if rest:
             speak_piece(rest)
         events.agent_text(reply, utterance_id)
-        self.history.add_assistant(reply)
-        try:
-            await synthesis
-        except CancelledError:
-            raise
+        events.later(lambda: self.history.add_assistant(reply))
+        await synthesis
         events.utterance_end(utterance_id)
-        if pipeline.config.providers.local.reply_cache and len(pipeline.reply_cache) < 256:
+        if local.reply_cache and len(pipeline.reply_cache) < 256:
             pipeline.reply_cache[cache_key] = (reply, spoken)
 
     def _synthesize_into(self, piece: str, utterance_id: str, spoken: list[Speech],
-                         marks: dict[str, float]) -> Deferred[None]:
+                         marks: dict[str, float], events: HeldEvents) -> Deferred[None]:
         started = self.reactor.seconds()
         synthesizing = self.pipeline.tts.synthesize(piece, self.call.context.voice or None)
 
         def emit(speech: Speech) -> None:
             if "tts_first" not in marks:
                 marks["tts_first"] = self.reactor.seconds()
-                self.call.events.timing("tts_first_sentence", (marks["tts_first"] - started) * 1000)
+                events.timing("tts_first_sentence", (marks["tts_first"] - started) * 1000)
             spoken.append(speech)
             if not self.closed:
-                self.call.events.agent_audio(speech.pcm, speech.rate, utterance_id)
+                events.agent_audio(speech.pcm, speech.rate, utterance_id)
 
         return synthesizing.addCallback(emit)
 

@@ -3,8 +3,15 @@
 Speech synthesis wants whole sentences (a voice reads "nine." differently from "nine and"), but
 waiting for the whole reply wastes the time the model spends generating it. :class:`SentenceSplitter`
 takes the reply token by token and hands back each sentence as soon as it is certainly complete;
-the very first piece may end at a clause boundary (``, ; : —``) once it holds enough words, so
-the caller hears the agent start speaking while the rest is still being generated.
+the very first piece may end at a clause boundary (``, ; : —``) once it holds enough words, or,
+with ``first_piece_words``, at the first word boundary after that many words, so the caller hears
+the agent start speaking while the rest is still being generated.
+
+The word cut trades a little prosody for time. Measured with Qwen2.5-0.5B on the 2-core box, the
+first sentence of a typical answer ("The opening hours on Saturday are 8:00 AM to 5:00 PM.") is
+complete ~900 ms after the first token; its first five words ~300 ms. Piper reads the piece as a
+sentence of its own, so the cut never falls after a function word ("on", "the", "are") or a number
+(the unit may follow: "8:00 | AM"), where the break would be most audible.
 
 "Certainly complete" means that more text could not change the decision: a full stop is a
 boundary only once the character after it is known to be whitespace (``3.5``, ``example.com``),
@@ -30,6 +37,17 @@ NEVER_FINAL = frozenset({
     "mr", "mrs", "ms", "dr", "prof", "st", "mt", "ft", "vs", "e.g", "i.e", "cf", "approx", "fig",
     "dept", "ave", "apt",
 })
+#: the first piece's word cut never falls right after these: the phrase would be broken mid-way
+FUNCTION_WORDS = frozenset({
+    "a", "an", "the", "and", "or", "but", "nor", "so", "to", "of", "on", "in", "at", "by", "for", "from",
+    "with", "into", "onto", "about", "as", "until", "till", "before", "after", "between", "over", "under",
+    "through", "during", "without", "within", "like", "per", "via", "every", "each", "some", "any", "all",
+    "than", "that", "which", "who", "whose", "if", "is", "are", "was", "were", "be", "been", "am", "do",
+    "does", "did", "have", "has", "had", "will", "would", "can", "could", "should", "may", "might", "must",
+    "shall", "not", "no", "my", "your", "our", "their", "his", "her", "its", "this", "these", "those", "very",
+    "i", "we", "you", "they", "he", "she", "it", "there", "i'm", "we're", "you're", "it's", "there's",
+    "let's", "please", "just",
+})
 #: a full stop after these ends a sentence only when the next word is capitalised ("9 a.m. We open")
 MAYBE_FINAL = frozenset({"a.m", "p.m", "etc", "inc", "ltd", "co", "corp", "jr", "sr", "min", "mins", "hr", "hrs"})
 
@@ -38,14 +56,20 @@ class SentenceSplitter:
     """Feed streamed text; get back complete sentences (and an early first clause) as they end.
 
     ``min_clause_words``: the first piece may end at a clause mark after this many words.
+    ``first_piece_words``: the first piece may end at the whitespace after its Nth (or a later)
+    word, when no boundary came earlier; never after a function word or a word with a digit
+    (0 = never).
     ``max_chars``: a piece with no boundary is cut at its last space once it is this long, so a
     model that never punctuates still gets spoken (0 = never).
     """
 
-    def __init__(self, min_clause_words: int = 4, max_chars: int = 250) -> None:
+    def __init__(self, min_clause_words: int = 4, max_chars: int = 250, first_piece_words: int = 0) -> None:
         if min_clause_words < 1:
             raise ValueError("min_clause_words must be at least 1")
+        if first_piece_words < 0:
+            raise ValueError("first_piece_words must be 0 (off) or more")
         self.min_clause_words = min_clause_words
+        self.first_piece_words = first_piece_words
         self.max_chars = max_chars
         self._buffer = ""
         self._emitted = 0
@@ -123,6 +147,9 @@ class SentenceSplitter:
                         return k
                 i += 1
                 continue
+            if c.isspace() and self._emitted == 0 and self.first_piece_words and _word_cut(
+                    text, i, self.first_piece_words):
+                return i
             if c == "\n":
                 # a blank line ends a paragraph (and a bullet list item with it)
                 m = i + 1
@@ -132,6 +159,18 @@ class SentenceSplitter:
                     return i
             i += 1
         return None
+
+
+def _word_cut(text: str, i: int, words: int) -> bool:
+    """Whether the first piece may end at the whitespace ``text[i]``: enough words before it, and
+    the last of them one a phrase can end on."""
+    if i == 0 or text[i - 1].isspace():
+        return False
+    before = text[:i].split()
+    if len(before) < words:
+        return False
+    last = before[-1].strip("".join(OPENERS | CLOSERS)).lower()
+    return bool(last) and last not in FUNCTION_WORDS and last.replace("'", "").isalpha()
 
 
 def _skip(text: str, i: int, chars: frozenset[str]) -> int:

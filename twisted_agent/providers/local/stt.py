@@ -29,16 +29,28 @@ Threads: each worker runs torch (or CTranslate2) with ``threads`` intra-op threa
 Measured on the 2-core box (tiny.en, a 3 s turn): 270 ms with 2 threads on an idle machine, 470 ms
 with 1; but with one other busy process, 2 threads took 0.9-2 s (OpenMP threads wait on each
 other) while 1 thread stayed at 480 ms. The worker also sets ``OMP_WAIT_POLICY=PASSIVE``.
+
+**Window.** openai-whisper's ``transcribe`` pads every turn to 30 s of audio, and the encoder's cost
+grows with that window, not with the turn. A turn of ``d`` seconds (at most 25) is instead padded to
+``max(stt_window, d + 5)`` seconds (``STT_WINDOW``, 10 by default) and decoded once: tiny.en, 1
+thread, a 3 s turn, 165 ms instead of 450 ms, with the same text on 10 Piper test phrases. Whisper
+was trained on 30 s windows: with under ~2 s of silence after the speech it loops ("Yes. Yes.
+Yes."), hence the 10 s floor and the 5 s margin; and output that still looks broken (compression
+ratio above 2.4, or no end before ``10 + 6 * d`` tokens) is thrown away and the turn re-run on the
+full window (counted, with the reason, in :meth:`WhisperSTT.stats`). Longer turns, ``STT_WINDOW=30``
+and faster-whisper (CTranslate2's encoder only takes 30 s) always use the full window.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import re
 import sys
 import time
+import types
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +86,12 @@ PHANTOM_NO_SPEECH_PROB = 0.3
 PHANTOM_LOGPROB = -0.7
 COMPRESSION_RATIO = 2.4
 MIN_VOICED_MS = 200
+
+# The encoder's window (see the module docstring), in seconds.
+FULL_WINDOW = 30.0  # Whisper's own
+WINDOW_MARGIN = 5.0  # silence after the turn, at least: with less Whisper loops
+MAX_SHORT_TURN = FULL_WINDOW - WINDOW_MARGIN
+WARM_UP_WINDOW = 10.0
 
 #: What Whisper says to silence and noise, after :func:`normalise_text`.
 PHANTOM_PHRASES = frozenset({
@@ -112,6 +130,7 @@ class Recognition:
     duration_ms: int
     timings: dict[str, float] = field(default_factory=dict)
     ran_model: bool = True
+    fallback: str = ""  # why the short window's output was thrown away, when it was
 
 
 @dataclass(frozen=True)
@@ -181,10 +200,33 @@ def load_whisper(backend: str, path: str, threads: int) -> None:
         whisper = importlib.import_module("whisper")
         torch.set_num_threads(threads)
         _engine = whisper.load_model(path, device="cpu")
+        _engine.encoder.forward = types.MethodType(_encode_any_window, _engine.encoder)
         _multilingual = bool(_engine.is_multilingual)
         _languages = frozenset(importlib.import_module("whisper.tokenizer").LANGUAGES)
     _backend = backend
-    _infer(_warm_up_audio(), "en")
+    warm_up = _warm_up_audio()
+    _infer(warm_up, "en")
+    if backend == OPENAI_WHISPER:
+        _decode_window(warm_up, "en", window_frames(WARM_UP_WINDOW), sample_len(len(warm_up) / WHISPER_RATE))
+
+
+def _encode_any_window(encoder: Any, mel: Any) -> Any:
+    """openai-whisper's ``AudioEncoder.forward``, for a mel window of up to 30 s, not only 30 s.
+
+    The stock method asserts the input is exactly 3000 frames (30 s); the model itself only needs
+    the positional embedding cut to the input's length. Bound to the encoder at load time, so
+    ``whisper.decoding.decode`` runs it on the short windows :func:`_decode_window` makes.
+    ``mel``: (batch, n_mels, frames), an even number of frames, at most 3000.
+    """
+    import torch.nn.functional as F
+
+    x = F.gelu(encoder.conv1(mel))
+    x = F.gelu(encoder.conv2(x))
+    x = x.permute(0, 2, 1)
+    x = (x + encoder.positional_embedding[: x.shape[1]]).to(x.dtype)
+    for block in encoder.blocks:
+        x = block(x)
+    return encoder.ln_post(x)
 
 
 def _warm_up_audio() -> Any:
@@ -212,6 +254,62 @@ def _infer(audio: Any, language: str | None) -> tuple[list[Segment], str]:
     return segments, str(result.get("language") or language or "en")
 
 
+def window_seconds(duration: float, stt_window: float) -> float:
+    """The encoder's window for a turn of ``duration`` seconds: ``FULL_WINDOW`` means the stock path."""
+    if duration > MAX_SHORT_TURN or stt_window >= FULL_WINDOW:
+        return FULL_WINDOW
+    return min(FULL_WINDOW, max(stt_window, duration + WINDOW_MARGIN))
+
+
+def window_frames(seconds: float) -> int:
+    """Mel frames (10 ms each) for a window: even, as the encoder's stride-2 convolution wants."""
+    return min(3000, 2 * math.ceil(round(seconds * 50, 6)))
+
+
+def sample_len(duration: float) -> int:
+    """The most tokens a turn may take (6 a second, and 10): output that reaches it never ended (a loop)."""
+    return int(10 + 6 * duration)
+
+
+def _decode_window(audio: Any, language: str | None, frames: int, max_tokens: int) -> Any:
+    """One greedy decode of ``audio`` zero-padded to ``frames`` mel frames: a ``DecodingResult``."""
+    whisper = importlib.import_module("whisper")
+    mel = whisper.audio.log_mel_spectrogram(audio, _engine.dims.n_mels, padding=frames * 160 - len(audio))
+    options = whisper.decoding.DecodingOptions(
+        language=language, temperature=0.0, fp16=False, without_timestamps=True, sample_len=max_tokens)
+    return whisper.decoding.decode(_engine, mel[:, :frames], options)
+
+
+def _transcribe(audio: Any, language: str | None,
+                stt_window: float) -> tuple[list[Segment], str, dict[str, float], str]:
+    """The short window where it applies and its output looks sound, else the full one.
+
+    Returns the segments, the language, timings (``window_s``: the window of the output kept;
+    ``fallback``: 1.0 when the short window's output was thrown away, which took ``short_ms``) and
+    why it was thrown away ("" when it was not).
+    """
+    duration = len(audio) / WHISPER_RATE
+    seconds = FULL_WINDOW if _backend == FASTER_WHISPER else window_seconds(duration, stt_window)
+    if seconds >= FULL_WINDOW:
+        segments, detected = _infer(audio, language)
+        return segments, detected, {"window_s": FULL_WINDOW}, ""
+    started = time.perf_counter()
+    max_tokens = sample_len(duration)
+    frames = window_frames(seconds)
+    result = _decode_window(audio, language, frames, max_tokens)
+    if result.compression_ratio > COMPRESSION_RATIO:
+        reason = "repetition"
+    elif len(result.tokens) >= max_tokens:
+        reason = "no end"
+    else:
+        segment = Segment(result.text, float(result.no_speech_prob), float(result.avg_logprob),
+                          float(result.compression_ratio))
+        return [segment], str(result.language or language or "en"), {"window_s": frames / 100}, ""
+    short_ms = round((time.perf_counter() - started) * 1000, 2)
+    segments, detected = _infer(audio, language)
+    return segments, detected, {"window_s": FULL_WINDOW, "fallback": 1.0, "short_ms": short_ms}, reason
+
+
 def _voiced_ms(pcm8k: bytes) -> int:
     from twisted_agent.media.interfaces import FRAME_BYTES, FRAME_MS
     from twisted_agent.media.vad import FrameVAD
@@ -221,8 +319,13 @@ def _voiced_ms(pcm8k: bytes) -> int:
     return FRAME_MS * sum(vad.is_speech(pcm8k[i * FRAME_BYTES:(i + 1) * FRAME_BYTES]) for i in range(frames))
 
 
-def recognise(pcm: bytes, rate: int, language: str | None, min_voiced_ms: int) -> Recognition:
-    """The job, in a worker: gate on voiced audio, resample to 16 kHz, run the model."""
+def recognise(pcm: bytes, rate: int, language: str | None, min_voiced_ms: int,
+              window: float = FULL_WINDOW) -> Recognition:
+    """The job, in a worker: gate on voiced audio, resample to 16 kHz, run the model.
+
+    ``window``: ``stt_window``, the shortest encoder window (see the module docstring); the default,
+    30 s, is Whisper's stock path.
+    """
     import numpy as np
 
     from twisted_agent.media.codecs import resample
@@ -243,9 +346,10 @@ def recognise(pcm: bytes, rate: int, language: str | None, min_voiced_ms: int) -
     audio = np.frombuffer(resample(pcm, rate, WHISPER_RATE), "<i2").astype(np.float32) / 32768.0
     timings["resample_ms"] = round((clock() - started) * 1000, 2)
     started = clock()
-    segments, detected = _infer(audio, language)
+    segments, detected, path, fallback = _transcribe(audio, language, window)
     timings["inference_ms"] = round((clock() - started) * 1000, 2)
-    return Recognition(tuple(segments), detected, voiced, duration_ms, timings)
+    timings.update(path)
+    return Recognition(tuple(segments), detected, voiced, duration_ms, timings, fallback=fallback)
 
 
 # -- the reactor side -------------------------------------------------------------------------------
@@ -291,6 +395,9 @@ class WhisperSTT:
         self.transcribed = 0
         self.suppressed = 0
         self.suppressed_reasons: Counter[str] = Counter()
+        self.short_window = 0  # turns whose text came from a short encoder window
+        self.full_window = 0  # ... from the full 30 s one, fallbacks included
+        self.fallback_reasons: Counter[str] = Counter()
 
     @staticmethod
     def _choose_backend(requested: str) -> tuple[str, str]:
@@ -351,7 +458,8 @@ class WhisperSTT:
         except Exception:
             return fail()
         started = self._reactor.seconds()
-        job = pool.submit_timed(recognise, pcm, rate, call_language(language), self.min_voiced_ms)
+        job = pool.submit_timed(recognise, pcm, rate, call_language(language), self.min_voiced_ms,
+                               self.config.stt_window)
         # a bound for the caller; a worker stuck past it stays busy (and counted) until it returns
         job.addTimeout(self.timeout, self._reactor)
         return job.addCallback(self._transcript, started)
@@ -362,6 +470,15 @@ class WhisperSTT:
         timings = dict(recognition.timings, queue_ms=result.queued_ms, worker_ms=result.run_ms,
                        total_ms=round((self._reactor.seconds() - started) * 1000, 2))
         self.transcribed += 1
+        if recognition.ran_model:
+            if recognition.timings.get("window_s", FULL_WINDOW) < FULL_WINDOW:
+                self.short_window += 1
+            else:
+                self.full_window += 1
+        if recognition.fallback:
+            self.fallback_reasons[recognition.fallback] += 1
+            self.log.debug("whisper's short window gave {reason}: re-run on the full window",
+                           reason=recognition.fallback)
         if verdict.key:
             self.suppressed += 1
             self.suppressed_reasons[verdict.key] += 1
@@ -374,7 +491,9 @@ class WhisperSTT:
     def stats(self) -> dict[str, Any]:
         pool = self._pool.stats() if self._pool is not None else {}
         return {"transcribed": self.transcribed, "suppressed": self.suppressed,
-                "suppressed_reasons": dict(self.suppressed_reasons), "pool": pool}
+                "suppressed_reasons": dict(self.suppressed_reasons), "short_window": self.short_window,
+                "full_window": self.full_window, "fallbacks": sum(self.fallback_reasons.values()),
+                "fallback_reasons": dict(self.fallback_reasons), "pool": pool}
 
     def status(self) -> ModelStatus:
         from twisted_agent.providers.local.models import ModelMissing

@@ -106,6 +106,10 @@ class AutoLLM:
 
         return Deferred.fromCoroutine(chat())
 
+    def yield_to(self, busy: Deferred[Any]) -> None:
+        if self.active is not None:
+            self.active.yield_to(busy)
+
     def status(self) -> ModelStatus:
         if self.active is None:
             return ModelStatus("auto", False, "auto: not decided yet (Ollama, else the embedded model)",

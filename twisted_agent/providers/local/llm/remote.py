@@ -128,6 +128,9 @@ class _HTTPChatModel:
     def chat(self, messages: list[dict[str, str]], on_token: Callable[[str], None]) -> Deferred[str]:
         return Deferred.fromCoroutine(self._chat(list(messages), on_token))
 
+    def yield_to(self, busy: Deferred[Any]) -> None:
+        pass  # the server schedules its own work (and is often another machine)
+
     def status(self) -> ModelStatus:
         return replace(self._status, extra=self._extra())
 
