@@ -17,7 +17,7 @@ Every mode runs in a fresh process, so a model loaded in-process for ``thread`` 
 others. Nothing is pinned: the OS schedules the reactor and the workers over all cores, as in
 production. "p99" is the figure of merit (the media plane's budget is 5 ms).
 
-    .venv/bin/python bench/inference_isolation.py --model /path/to/tiny.en.pt [--seconds 15]
+    .venv/bin/python bench/inference_isolation.py [--model tiny.en|/path/to/model.pt] [--models-dir DIR] [--seconds 15]
 """
 
 from __future__ import annotations
@@ -200,9 +200,9 @@ def run_mode(mode: str, model: str, calls: int, seconds: float, threads: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True,
-                        help="an openai-whisper .pt, or an installed name (tiny.en) with --models-dir")
-    parser.add_argument("--models-dir", default="/var/lib/ai-agent/models")
+    parser.add_argument("--model", default="tiny.en",
+                        help="an openai-whisper .pt, or an installed name (tiny.en) in --models-dir")
+    parser.add_argument("--models-dir", default=os.environ.get("MODELS_DIR", "/var/lib/ai-agent/models"))
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--calls", type=int, default=20, help="calls whose replies are paced meanwhile")
     parser.add_argument("--seconds", type=float, default=15.0)

@@ -6,9 +6,10 @@ end of the caller's speech to the first reply audio the caller hears, broken int
 STT, LLM first token, first sentence, TTS of the first sentence, and the platform's share. While
 the models run, a second call streams audio continuously and the p99 lateness of its outbound
 frames is reported (the media pacing must stay on time while inference runs). Then five calls ask
-at once.
+at once. First, as a baseline in the same run, the same turns with naive sequencing (no
+speculation, Whisper's full window, whole sentences to TTS, VAD_END_MS=300).
 
-    .venv/bin/python bench/turn_latency.py [--turns 20] [--mode file|stream] [--models-dir DIR]
+    .venv/bin/python bench/turn_latency.py [--turns 20] [--mode file|stream] [--models-dir DIR] [--no-baseline]
 """
 
 from __future__ import annotations
@@ -54,12 +55,29 @@ async def ask(reactor: Any, service: AgentService, caller: Any) -> dict[str, flo
     return dict(call.turn_timings[-1])
 
 
-async def run(reactor: Any, turns: int, mode: str, models_dir: str | None) -> None:
+#: naive sequencing: nothing starts before the turn ends, Whisper's full 30 s window, whole sentences
+BASELINE = {"SPECULATE": "false", "STT_WINDOW": "30", "FIRST_PIECE_WORDS": "0", "VAD_END_MS": "300"}
+
+
+async def main(reactor: Any, turns: int, mode: str, models_dir: str | None, baseline: bool) -> None:
+    results = {}
+    if baseline:
+        print(f"== baseline (naive sequencing: {' '.join(f'{k}={v}' for k, v in BASELINE.items())})", flush=True)
+        results["baseline"] = await run(reactor, turns, mode, models_dir, BASELINE, simultaneous=False)
+        print("== the configured pipeline (defaults and the environment)", flush=True)
+    results["pipeline"] = await run(reactor, turns, mode, models_dir, {}, simultaneous=True)
+    if baseline:
+        print(f"voice-to-voice p50: {results['pipeline']:.0f} ms vs {results['baseline']:.0f} ms naive "
+              f"({results['pipeline'] / results['baseline']:.2f}x)")
+
+
+async def run(reactor: Any, turns: int, mode: str, models_dir: str | None, overrides: dict[str, str],
+              simultaneous: bool) -> float:
     media_dir = tempfile.mkdtemp(prefix="ai-agent-bench-")
     sim = AsteriskSimulator(reactor, username="ai-agent", password="bench")
     await sim.start()
     # settings from the environment apply (VAD_END_MS=200, SPECULATE=false, FIRST_PIECE_WORDS=0 ...)
-    env = dict(os.environ, **({"MODELS_DIR": models_dir} if models_dir else {}))
+    env = dict(os.environ, **({"MODELS_DIR": models_dir} if models_dir else {}), **overrides)
     config = loopback(load_config(None, env))
     config = dataclasses.replace(
         config,
@@ -105,6 +123,8 @@ async def run(reactor: Any, turns: int, mode: str, models_dir: str | None) -> No
         print(f"last answer: {answers[-1]!r}")
         await caller.hangup()
         await background.hangup()
+        if not simultaneous:
+            return statistics.median(t["voice_to_voice_ms"] for t in timings)
         # five callers ask at the same moment
         callers = [sim.originate(APP) for _ in range(5)]
         await gatherResults([c.answered for c in callers])
@@ -116,6 +136,7 @@ async def run(reactor: Any, turns: int, mode: str, models_dir: str | None) -> No
               f"{', '.join(f'{v:.0f}' for v in v2v)}; wall {reactor.seconds() - started:.1f} s")
         for c in callers:
             await c.hangup()
+        return statistics.median(t["voice_to_voice_ms"] for t in timings)
     finally:
         await service.stopService()
         await sim.stop()
@@ -129,5 +150,7 @@ if __name__ == "__main__":
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--mode", choices=["file", "stream"], default="stream")
     parser.add_argument("--models-dir", default=os.environ.get("MODELS_DIR"))
+    parser.add_argument("--no-baseline", action="store_true", help="skip the naive-sequencing run")
     args = parser.parse_args()
-    task.react(lambda reactor: Deferred.fromCoroutine(run(reactor, args.turns, args.mode, args.models_dir)))
+    task.react(lambda reactor: Deferred.fromCoroutine(
+        main(reactor, args.turns, args.mode, args.models_dir, not args.no_baseline)))
