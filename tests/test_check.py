@@ -183,6 +183,27 @@ def test_providers_default_fails_others_inform():
     assert by_label["local"].status == "info"
 
 
+def test_local_provider_without_models_names_the_install_command(tmp_path):
+    results = check.check_providers(config_for(MODELS_DIR=str(tmp_path)))
+    local = next(r for r in results if r.summary.startswith("local (default)"))
+    assert local.status == "FAIL"
+    assert "models not installed" in local.summary and str(tmp_path) in local.summary
+    assert local.fix == "ai-agent models install --only tiny.en,en_US-joe-medium,qwen2.5-0.5b"
+
+
+def test_local_provider_with_one_model_missing_names_it(tmp_path):
+    (tmp_path / "whisper").mkdir()
+    (tmp_path / "whisper" / "tiny.en.pt").write_bytes(b"x")
+    (tmp_path / "whisper" / "tiny.en.pt.sha256").write_text("0" * 64)
+    results = check.check_providers(config_for(MODELS_DIR=str(tmp_path), LLM_BACKEND="embedded",
+                                               EMBEDDED_MODEL="smollm2-135m", TTS_BACKEND="espeak"))
+    local = next(r for r in results if r.summary.startswith("local (default)"))
+    if "not installed: openai-whisper" in local.summary or "piper-tts" in local.summary:
+        pytest.skip("the local extra is not installed here")
+    assert local.status == "FAIL" and "'smollm2-135m'" in local.summary
+    assert local.fix == "ai-agent models install --only smollm2-135m"
+
+
 def test_world_readable_secret_file_warns(tmp_path):
     secret = tmp_path / "key"
     secret.write_text("k")

@@ -42,13 +42,11 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 def _why_not(provider: str, config: AgentConfig) -> str:
     """Why ``provider`` cannot take the demo call on this machine ("" when it can)."""
-    if provider == "local":
-        from twisted_agent.providers.local.pipeline import missing_models
+    from twisted_agent.providers.readiness import ProviderCatalog
 
-        return missing_models(config)
-    if provider == "echo":
-        return ""
-    return "its adapter is not built yet"
+    # without an engine: the local pipeline says whether it is installed (the engine loads it)
+    readiness = ProviderCatalog(config).readiness()[provider]
+    return "" if readiness.ready else f"{readiness.detail}; fix: {readiness.fix}"
 
 
 def question_clip() -> bytes:

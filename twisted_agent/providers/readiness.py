@@ -1,7 +1,9 @@
 """Whether each provider could take a call now, and what to do if not.
 
 Each provider reports readiness with a one-line fix, shown in /health and by ``ai-agent check``.
-A provider whose adapter is not built yet says so: it is never reported ready.
+Without a running engine (``ai-agent check``) the local pipeline reports whether its libraries and
+models are installed; the engine replaces that with the pipeline's own factory, which reports the
+loaded models. A provider whose adapter is not built yet says so: it is never reported ready.
 """
 
 from __future__ import annotations
@@ -19,13 +21,9 @@ from twisted_agent.status import ComponentStatus, IStatusSource
 
 
 def _local(config: AgentConfig) -> ProviderReadiness:
-    local = config.providers.local
-    return ProviderReadiness(
-        "local", False,
-        f"local pipeline (Whisper {local.stt_model} -> {local.llm_backend} {local.llm_model} -> Piper "
-        f"{local.tts_voice}) is not built yet",
-        "use it once the local pipeline lands; `make install-local` already installs its libraries",
-        implemented=False)
+    from twisted_agent.providers.local.pipeline import installed_readiness
+
+    return installed_readiness(config)
 
 
 def _cloud(name: str, title: str, key_env: str, api_key: str) -> ProviderReadiness:
@@ -53,7 +51,8 @@ CHECKS: dict[str, Callable[[AgentConfig], ProviderReadiness]] = {
 
 @implementer(IProviderFactory)
 class UnbuiltFactory:
-    """A provider whose adapter does not exist yet: never ready, and says so if a call picks it."""
+    """A provider without a running adapter here: its readiness from ``check``; a call that picks it
+    is refused (the engine replaces the factories of the providers it runs)."""
 
     def __init__(self, name: str, check: Callable[[AgentConfig], ProviderReadiness], config: AgentConfig) -> None:
         self.name = name

@@ -409,3 +409,33 @@ def test_the_model_yields_to_the_first_piece_synthesis_only():
     assert llm.reply is not None
     llm.reply.callback("Yes. We open at nine.")
     assert len(llm.yielded_to) == 1, "later pieces do not hold the model"
+
+
+def test_cancelling_while_a_piece_is_synthesized_leaves_no_unhandled_error():
+    import gc
+
+    from twisted.logger import globalLogPublisher
+
+    errors: list[Any] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("isError") or "Unhandled error in Deferred" in str(event.get("log_format", "")):
+            errors.append(event)
+
+    def barge_in_mid_synthesis() -> None:
+        provider, sink, stt, llm, tts, _ = make(["Yes.", " We", " open", " at", " nine."])
+        tts.hold = True
+        turn = provider.end_of_turn()
+        llm.stream(2)
+        assert tts.requests == ["Yes."] and tts.pending, "a piece is being synthesized"
+        turn.addErrback(lambda f: f.trap(CancelledError))
+        turn.cancel()  # barge-in or hang-up
+        assert llm.cancelled and tts.pending[0].called, "the model and the synthesis were both stopped"
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        barge_in_mid_synthesis()
+        gc.collect()  # an unhandled failure is reported when its Deferred is collected
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert errors == [], "a cancelled synthesis chain was left with an unhandled CancelledError"

@@ -83,20 +83,59 @@ class LocalPipeline:
         return ProviderReadiness("local", True, detail)
 
 
-def missing_models(config: AgentConfig) -> str:
-    """Why the local pipeline cannot run (a model is not installed), or "" when everything is there."""
-    from twisted_agent.providers.local import models
+#: the libraries each part needs, and the command that installs them
+_LIBRARIES = {"whisper": "openai-whisper", "piper": "piper-tts", "llama_cpp": "llama-cpp-python"}
+
+
+def installed_readiness(config: AgentConfig) -> ProviderReadiness:
+    """Whether this machine has what the local pipeline needs (libraries, model files), without
+    loading anything: what ``ai-agent check`` reports. The running engine reports the loaded models."""
+    import importlib.util
 
     local = config.providers.local
-    try:
-        models.whisper_path(local, local.stt_model)
-        if local.tts_backend == "piper":
-            models.piper_voice_paths(local, local.tts_voice)
-        if local.llm_backend in ("auto", "embedded"):
-            models.gguf_path(local, local.embedded_model)
-    except models.ModelMissing as e:
-        return str(e)
-    return ""
+    needed = ["whisper"] if local.stt_backend == "openai-whisper" else []
+    if local.tts_backend == "piper":
+        needed.append("piper")
+    if local.llm_backend in ("auto", "embedded"):
+        needed.append("llama_cpp")
+    absent = [_LIBRARIES[module] for module in needed if importlib.util.find_spec(module) is None]
+    if local.stt_backend == "faster-whisper" and importlib.util.find_spec("faster_whisper") is None:
+        absent.append("faster-whisper")
+    if absent:
+        return ProviderReadiness("local", False, f"not installed: {', '.join(absent)}",
+                                 "make install-local (or pip install 'twisted-agent[local]')")
+    from twisted_agent.providers.local import models
+
+    missing: list[models.ModelMissing] = []
+
+    def find(lookup: Callable[[], Any]) -> Any:
+        try:
+            return lookup()
+        except models.ModelMissing as e:
+            missing.append(e)
+            return None
+
+    if local.stt_backend == "openai-whisper":
+        stt = find(lambda: models.whisper_path(local, local.stt_model))
+    else:
+        stt = find(lambda: models.faster_whisper_dir(local, local.stt_model))
+    tts = f"Piper {find(lambda: models.piper_voice_paths(local, local.tts_voice)[0])}" \
+        if local.tts_backend == "piper" else "espeak-ng"
+    if local.llm_backend in ("auto", "embedded"):
+        llm = f"embedded {find(lambda: models.gguf_path(local, local.embedded_model))}"
+        if local.llm_backend == "auto":
+            llm += f" (or Ollama {local.llm_model} at {local.ollama_host} when it answers)"
+    elif local.llm_backend == "ollama":
+        llm = f"Ollama {local.llm_model} at {local.ollama_host}"
+    else:
+        llm = f"{local.llm_model} at {local.openai_compatible_url}"
+    if missing:
+        if len(missing) == 1:
+            return ProviderReadiness("local", False, f"model {missing[0].name!r} {missing[0].detail}", missing[0].fix)
+        names = ",".join(e.name for e in missing)
+        return ProviderReadiness("local", False, "models not installed: " + "; ".join(
+            f"{e.name!r} {e.detail}" for e in missing), f"{models.INSTALL_COMMAND} --only {names}")
+    return ProviderReadiness("local", True, f"installed: Whisper {stt}; {llm}; {tts} (loaded at start-up)")
 
 
 _NORMALISE = re.compile(r"[^a-z0-9 ]+")
@@ -153,6 +192,10 @@ class _Speculation:
         self.turn = turn
         self.events = events
         self.started = started
+
+
+def _trap_cancel(failure: Any) -> None:
+    failure.trap(CancelledError)
 
 
 def _when_done(d: Deferred[Any]) -> Deferred[None]:
@@ -327,6 +370,7 @@ class LocalProvider:
         try:
             reply = await chat
         except CancelledError:
+            synthesis.addErrback(_trap_cancel)  # nobody awaits it any more: its cancellation is expected
             synthesis.cancel()
             raise
         rest = splitter.flush()
