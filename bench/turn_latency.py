@@ -117,8 +117,9 @@ async def run(reactor: Any, turns: int, mode: str, models_dir: str | None, overr
         print(f"outbound send lateness while the models ran: p99 {lateness.percentile_ms(0.99):.2f} ms, "
               f"max {lateness.maximum * 1000:.2f} ms over {lateness.count - frames_before} frames")
         provider = service.engine.calls[caller.channel_id].provider
-        print(f"speculative turns: {provider.speculations_used} adopted, {provider.speculations_discarded} discarded "
-              f"(the caller went on); whisper: {service.providers.factories['local'].pipeline.stt.stats()}")
+        print(f"speculative turns: {provider.speculations_used} adopted, {provider.speculations_discarded} "
+              f"discarded (the caller went on), {provider.speculations_skipped} skipped (models busy); "
+              f"whisper: {service.providers.factories['local'].pipeline.stt.stats()}")
         answers = [text for speaker, text in service.engine.calls[caller.channel_id].conversation if speaker == "agent"]
         print(f"last answer: {answers[-1]!r}")
         await caller.hangup()

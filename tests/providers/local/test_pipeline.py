@@ -414,10 +414,11 @@ def test_the_model_yields_to_the_first_piece_synthesis_only():
 def test_cancelling_while_a_piece_is_synthesized_leaves_no_unhandled_error():
     import gc
 
-    from twisted.logger import globalLogPublisher
+    from twisted.logger import ILogObserver, globalLogPublisher
 
     errors: list[Any] = []
 
+    @implementer(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
         if event.get("isError") or "Unhandled error in Deferred" in str(event.get("log_format", "")):
             errors.append(event)
@@ -439,3 +440,16 @@ def test_cancelling_while_a_piece_is_synthesized_leaves_no_unhandled_error():
     finally:
         globalLogPublisher.removeObserver(observe)
     assert errors == [], "a cancelled synthesis chain was left with an unhandled CancelledError"
+
+
+def test_no_speculation_while_other_calls_use_the_models():
+    provider, sink, stt, llm, tts, pipeline = make(["Hi."])
+    other = LocalFactory(pipeline).create()
+    other.start(sink)
+    other.push_audio(bytes(320 * 25))
+    other.end_of_turn()  # another call's turn holds the model (its reply is still being written)
+    assert pipeline.pending_turns == 1
+    provider.speech_ended()
+    assert provider.speculations_skipped == 1 and len(stt.heard) == 1, "no work that might be thrown away"
+    provider.end_of_turn()
+    assert len(stt.heard) == 2, "the turn itself still runs"

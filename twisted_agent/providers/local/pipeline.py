@@ -13,7 +13,8 @@ turn starts at that first pause on the audio so far, and everything it would tel
 transcript, timings, reply audio) and every change to the conversation history is held. When the
 turn ends, the held work is adopted and released at once (often the first reply audio is already
 synthesized); if the caller speaks again first, it is cancelled and forgotten, and the next pause
-starts over on the whole utterance, so a sentence with a pause in it gets one answer.
+starts over on the whole utterance, so a sentence with a pause in it gets one answer. While other
+calls' turns are using the shared models, no speculation starts: under load it would only add work.
 """
 
 from __future__ import annotations
@@ -232,6 +233,8 @@ class LocalProvider:
         #: speculative turns adopted at the turn end, and discarded because the caller went on
         self.speculations_used = 0
         self.speculations_discarded = 0
+        #: pauses at which no speculation started because the models were busy with other turns
+        self.speculations_skipped = 0
 
     # --- IProvider ------------------------------------------------------------------------------
 
@@ -255,6 +258,11 @@ class LocalProvider:
         if self.closed or self.call is None or not self.pipeline.config.providers.local.speculate:
             return
         self._discard_speculation()
+        if self.pipeline.pending_turns > 0:
+            # other calls' turns are using the shared models: work that may be thrown away would
+            # only delay them (speculation buys latency on idle models, not throughput)
+            self.speculations_skipped += 1
+            return
         events = HeldEvents(self.call.events)
         turn = self._begin_turn(bytes(self._audio), events)
         self._speculation = _Speculation(turn, events, self.reactor.seconds())
