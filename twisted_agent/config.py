@@ -157,6 +157,12 @@ class CallsConfig:
     turn_end_ms: int = setting(
         "TURN_END_MS", 500, s.integer(100, 5000),
         "pause after the caller's speech that ends the turn (for providers that leave turn-taking to the engine)")
+    barge_in: bool = setting(
+        "BARGE_IN", True, s.boolean,
+        "caller speech while the agent speaks interrupts it (providers that leave turn-taking to the engine)")
+    barge_in_min_ms: int = setting(
+        "BARGE_IN_MIN_MS", 120, s.integer(20, 3000),
+        "caller speech (from its onset) needed to interrupt the agent; shorter backchannels do not")
     gate_guard_ms: int = setting(
         "GATE_GUARD_MS", 200, s.integer(0, 3000),
         "after the agent's last audio, how long caller audio is still not taken as a new turn (line echo, tails)")

@@ -246,3 +246,34 @@ async def test_draining_sends_new_calls_back_to_the_dialplan(stacks: Any) -> Non
     assert await caller.ended == "continued in dialplan"
     assert caller.continued_to is not None and caller.continued_to[0] == "queue"
     assert not caller.answered.called
+
+
+@pytest_twisted.ensureDeferred
+async def test_caller_talks_over_the_agent_the_agent_stops_and_answers_the_new_question(stacks: Any) -> None:
+    greeting = "Hello and welcome to the bakery, we are glad you called, how can we help you today?"
+    stack = await stacks(DOWNSTREAM_MODE="stream", CONTEXT_DEFAULT_GREETING=greeting)
+    caller = stack.call()
+    await caller.answered
+    await until(lambda: caller.first_heard_at() is not None, what="the greeting")
+    await sleep(0.5)  # mid-greeting (the tone voice takes ~3 s for it)
+    call = next(iter(stack.engine.calls.values()))
+    provider: EchoProvider = call.provider
+    assert call.state == "speaking"
+    # the clip's first 240 ms are silent: the caller's voice reaches the line after that
+    speech_started = reactor.seconds() + 0.24
+    await caller.say(QUESTION)
+    assert len(call.barge_ins) == 1, "one interruption"
+    stopped_after = call.barge_ins[0] - speech_started
+    assert 0.1 < stopped_after < 0.2, f"the agent stopped {stopped_after * 1000:.0f} ms after the caller began"
+    greeting_heard = caller.heard_segments()[0]
+    origin = caller.answered_at
+    assert origin is not None
+    assert origin + greeting_heard[1] < call.barge_ins[0] + 0.1, "no agent audio on the wire after the barge-in"
+    assert provider.interruptions and 0 < next(iter(provider.interruptions[0].values())) < 3000, \
+        "the provider was told how much of the greeting was heard"
+    heard_before = len(caller.heard_segments())
+    await until(lambda: len(caller.heard_segments()) > heard_before, timeout=5, what="the answer")
+    assert len(provider.turns) == 1 and provider.turns[0] >= 2500, "the whole question, from its first syllable"
+    assert call.conversation[-1][1].startswith("You spoke for")
+    await caller.hangup()
+    await stack.all_released()

@@ -143,8 +143,10 @@ def test_greeting_file_is_written_played_and_deleted(rig: Rig) -> None:
 def test_a_turn_gets_an_answer_and_gating_keeps_the_agent_from_hearing_itself(rig: Rig) -> None:
     call = rig.answered_call()
     provider = call.provider
-    rig.speak(400)  # the caller talks over the greeting: gated, not a turn
-    assert provider._turn_frames == 0 and call.state == "speaking"
+    rig.speak(100)  # a backchannel over the greeting: gated, not a turn, too short to interrupt
+    rig.speak(300, loud=False)
+    assert provider._turn_frames == 0 and call.state == "speaking" and not provider.interruptions
+    assert rig.engine.counters["backchannels"] == 1
     rig.playback_done(call)
     rig.advance(0.3)
     assert call.state == "listening"
@@ -159,6 +161,54 @@ def test_a_turn_gets_an_answer_and_gating_keeps_the_agent_from_hearing_itself(ri
     assert call.state == "listening"
     timing = call.turn_timings[-1]
     assert timing["turn_end_wait_ms"] == pytest.approx(500, abs=25)
+
+
+def test_barge_in_over_a_file_reply_stops_the_playback_deletes_the_file_and_keeps_the_callers_words(
+        rig: Rig) -> None:
+    call = rig.answered_call()
+    provider = call.provider
+    play = next(r for r in rig.ari.requests if r[0] == "play")
+    rig.events.emit(event("PlaybackStarted", playback={"id": play[3], "media_uri": play[2],
+                                                       "target_uri": f"channel:{CALLER}", "state": "playing",
+                                                       "language": "en"}))
+    assert rig.files() and call.state == "speaking"
+    rig.speak(100)
+    assert call.state == "speaking", "not yet: 120 ms of speech interrupt"
+    rig.speak(60)
+    assert call.state == "listening" and len(call.barge_ins) == 1, "the caller has the floor"
+    assert ("stop_playback", play[3]) in [r[:2] for r in rig.ari.requests], "the ARI playback was stopped"
+    rig.clock.advance(0)
+    assert rig.files() == [], "and its file deleted"
+    assert provider.interruptions and list(provider.interruptions[0]) == [f"{CALLER}-1"], "told what was heard"
+    rig.speak(400)
+    rig.speak(600, loud=False)
+    assert provider.turns[-1] >= 560, "the new turn holds the speech from its onset, barge-in audio included"
+    assert call.state == "speaking" and rig.engine.counters["barge_ins"] == 1
+
+
+def test_barge_in_can_be_switched_off(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, BARGE_IN="false")
+    call = rig.answered_call()
+    rig.speak(400)
+    assert call.state == "speaking" and not call.provider.interruptions and not call.barge_ins
+
+
+def test_caller_going_on_before_the_reply_starts_gets_one_answer(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, DOWNSTREAM_MODE="stream")
+    call = rig.answered_call()
+    provider = call.provider
+    provider.think_ms = 400  # the reply takes a while
+    rig.advance(3)  # the greeting played out
+    assert call.state == "listening"
+    rig.speak(600)
+    rig.speak(600, loud=False)  # a 600 ms pause: the turn ends at 500 ms
+    assert call.state == "thinking"
+    rig.speak(400)  # ... and goes on before the answer came
+    assert call.state == "listening" and rig.engine.counters["turns_resumed"] == 1
+    rig.speak(800, loud=False)
+    rig.advance(1)
+    answers = [text for speaker, text in call.conversation if speaker == "agent"][1:]
+    assert len(answers) == 1, "one answer to the whole sentence, none to its first half"
 
 
 def test_caller_hangs_up_while_the_agent_speaks_everything_is_released(rig: Rig) -> None:

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_agent.ari.errors import ARIError, ARINotFound, ARIUnprocessable
+from twisted_agent.calls.bargein import BargeInDetector
 from twisted_agent.calls.playback import FilePlayer, StreamPlayer
 from twisted_agent.calls.registry import ICallHandle
 from twisted_agent.calls.turns import TurnTaker
@@ -77,6 +78,11 @@ class Call:
         self._awaiting_reply_audio = False
         self._turn_marks: dict[str, float] = {}
         self.turns = TurnTaker(self.reactor, self.config.calls.turn_end_ms / 1000, self._turn_over)
+        self.barge = BargeInDetector(self.config.calls.barge_in_min_ms)
+        #: utterances cut off by a barge-in: late audio of theirs is not played
+        self._interrupted: set[str] = set()
+        #: reactor times of barge-ins (the agent's audio was stopped then)
+        self.barge_ins: list[float] = []
 
     # --- the state machine --------------------------------------------------------------------
 
@@ -115,6 +121,10 @@ class Call:
     @_machine.input()
     def reply_done(self) -> None:
         "The caller has heard all the agent had to say."
+
+    @_machine.input()
+    def caller_took_floor(self) -> None:
+        "The caller spoke over the agent (barge-in), or went on speaking before the reply began."
 
     @_machine.input()
     def end(self) -> None:
@@ -157,7 +167,11 @@ class Call:
     speaking.upon(reply_done, enter=listening, outputs=[_now_listening])
     speaking.upon(turn_over, enter=speaking, outputs=[])
     speaking.upon(end, enter=done, outputs=[_now_done])
-    for _input in (set_up, turn_over, audio_out, reply_done, end):
+    speaking.upon(caller_took_floor, enter=listening, outputs=[_now_listening])
+    thinking.upon(caller_took_floor, enter=listening, outputs=[_now_listening])
+    connecting.upon(caller_took_floor, enter=connecting, outputs=[])
+    listening.upon(caller_took_floor, enter=listening, outputs=[])
+    for _input in (set_up, turn_over, audio_out, reply_done, end, caller_took_floor):
         done.upon(_input, enter=done, outputs=[])
     del _input
 
@@ -300,6 +314,11 @@ class Call:
         """The agent has the floor: caller audio is not a new turn (the agent never hears itself)."""
         return self.state in ("speaking", "connecting") or "guard" in self._timers
 
+    @property
+    def agent_has_floor(self) -> bool:
+        """The agent is speaking, or finished less than GATE_GUARD_MS ago: caller speech may barge in."""
+        return self.state == "speaking" or (self.state == "listening" and "guard" in self._timers)
+
     def audio_received(self, frame: bytes) -> None:
         self._audio_frames += 1
         provider = self.provider
@@ -307,6 +326,14 @@ class Call:
             return
         if not provider.wants_turn_taking or not self.gated:
             provider.push_audio(frame)
+        elif self.agent_has_floor and self.config.calls.barge_in:
+            now = self.reactor.seconds()
+            self.barge.frame(frame, now)
+            # still voicing: this frame was voiced (the VAD saw it just before us); a VAD keeps
+            # "in speech" for VAD_END_MS after the last voiced frame, so that is not enough
+            last_voiced = self.session.detector.last_voiced_at
+            if self.barge.due(now) and last_voiced is not None and now - last_voiced < 0.015:
+                self._barge_in()
 
     def speech_started(self) -> None:
         provider = self.provider
@@ -317,6 +344,13 @@ class Call:
         elif self.state == "listening" and not self.gated:
             provider.speech_started()
             self.turns.speech_started()
+        elif self.state == "thinking":
+            self._caller_went_on()
+        elif self.agent_has_floor and self.config.calls.barge_in:
+            now = self.reactor.seconds()
+            self.barge.speech_started(getattr(self.session.detector, "speech_started_at", None) or now)
+            if self.barge.due(now):
+                self._barge_in()
 
     def speech_ended(self) -> None:
         provider = self.provider
@@ -328,6 +362,8 @@ class Call:
             self.turns.speech_ended(getattr(self.session.detector, "last_voiced_at", None))
             if self.turns.waiting:  # a turn end is pending: the provider may start on the answer
                 provider.speech_ended()
+        elif self.barge.speech_ended():
+            self.engine.count("backchannels")  # too short to interrupt: the agent goes on
 
     def utterance_sent(self, utterance_id: str, ms: int) -> None:
         if isinstance(self.player, StreamPlayer):
@@ -342,6 +378,53 @@ class Call:
 
     def media_closed(self, reason: str) -> None:
         self.finish(f"media leg closed ({reason})", caller="hangup")
+
+    # --- the caller takes the floor ------------------------------------------------------------
+
+    def _barge_in(self) -> None:
+        """The caller spoke over the agent for BARGE_IN_MIN_MS: stop its audio and its reply, keep
+        what the caller heard, and give the caller the floor from their first syllable."""
+        provider = self.provider
+        frames = self.barge.take()
+        now = self.reactor.seconds()
+        self.barge_ins.append(now)
+        self.engine.count("barge_ins")
+        self.log.info("call {call_id}: barge-in after {ms:.0f} ms of caller speech", call_id=self.call_id,
+                      ms=self.config.calls.barge_in_min_ms)
+        self._cancel_timer("guard")
+        self._interrupted |= self._open_utterances
+        self._open_utterances.clear()
+        self._cancel_turn()
+        stopping = Deferred.fromCoroutine(self.player.stop()) if self.player is not None else succeed({})
+        self.caller_took_floor()
+        provider.speech_started()
+        self.turns.speech_started()
+        for frame in frames:
+            provider.push_audio(frame)
+
+        def heard(ms_by_utterance: dict[str, int]) -> Any:
+            return provider.interrupt(ms_by_utterance)
+
+        def failed(failure: Any) -> None:
+            self.log.failure("call {call_id}: stopping the agent's audio failed", failure, call_id=self.call_id)
+
+        stopping.addCallback(heard).addErrback(failed)
+
+    def _caller_went_on(self) -> None:
+        """The turn had ended but the caller speaks again before any reply audio: a pause, not the
+        end. The pending reply is dropped; the provider hears the rest as part of the same turn."""
+        self.engine.count("turns_resumed")
+        self._cancel_turn()
+        self._cancel_timer("reply")
+        self._awaiting_reply_audio = False
+        self.caller_took_floor()
+        self.provider.speech_started()
+        self.turns.speech_started()
+
+    def _cancel_turn(self) -> None:
+        turn, self._turn = self._turn, None
+        if turn is not None and not turn.called:
+            turn.cancel()
 
     # --- turns ---------------------------------------------------------------------------------
 
@@ -387,7 +470,7 @@ class Call:
         self.transcript_append("agent", text)
 
     def agent_audio(self, pcm: bytes, rate: int, utterance_id: str) -> None:
-        if self._failing or self._finishing is not None or self.player is None:
+        if self._failing or self._finishing is not None or self.player is None or utterance_id in self._interrupted:
             return
         if self._awaiting_reply_audio and "reply_audio" not in self._turn_marks and self._turn_marks:
             self._turn_marks["reply_audio"] = self.reactor.seconds()
@@ -447,6 +530,14 @@ class Call:
     def _guard_over(self) -> None:
         self._timers.pop("guard", None)
         self.reply_done()
+        if self.barge.armed and self.provider is not None and not self._failing:
+            # the caller started speaking just as the agent finished: their turn, from its onset
+            frames = self.barge.take()
+            self.provider.speech_started()
+            self.turns.speech_started()
+            for frame in frames:
+                self.provider.push_audio(frame)
+        self.barge.reset()
         for action in self._pending_actions:
             action()
         self._pending_actions.clear()

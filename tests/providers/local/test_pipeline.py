@@ -453,3 +453,58 @@ def test_no_speculation_while_other_calls_use_the_models():
     assert provider.speculations_skipped == 1 and len(stt.heard) == 1, "no work that might be thrown away"
     provider.end_of_turn()
     assert len(stt.heard) == 2, "the turn itself still runs"
+
+
+# --- barge-in: the history keeps what the caller heard ---------------------------------------------
+
+
+def test_heard_text_counts_whole_pieces_then_a_share_of_the_next():
+    from twisted_agent.providers.local.pipeline import heard_text
+
+    pieces = [("We are open", 1000), ("from nine to five on Saturday.", 2000)]
+    assert heard_text(pieces, 0) == ""
+    assert heard_text(pieces, 500) == "We"
+    assert heard_text(pieces, 1000) == "We are open"
+    assert heard_text(pieces, 2000) == "We are open from nine to"
+    assert heard_text(pieces, 5000) == "We are open from nine to five on Saturday."
+
+
+def test_barge_in_after_the_reply_was_written_truncates_it_to_what_was_heard():
+    provider, sink, stt, llm, tts, _ = make(["Yes.", " We open at nine", " and close at five."], FIRST_PIECE_WORDS="0")
+    provider.end_of_turn()
+    llm.stream()
+    assert llm.reply is not None
+    llm.reply.callback("Yes. We open at nine and close at five.")
+    utterance = "c1-1"
+    spoken = {text: len(text.encode()) * 1000 // 16000 for text in sink.audio()}  # FakeTTS: text bytes as PCM
+    first = sink.audio()[0]
+    provider.interrupt({utterance: spoken[first] + 1})
+    turns = provider.history.turns
+    assert [t.role for t in turns] == ["user", "assistant"]
+    assert turns[-1].content.startswith("Yes."), "only what was heard stays"
+    assert "five" not in turns[-1].content
+
+
+def test_barge_in_while_the_reply_is_still_being_written_keeps_the_heard_part():
+    provider, sink, stt, llm, tts, _ = make(["Yes.", " We", " open", " at nine", " and"], FIRST_PIECE_WORDS="0")
+    provider.end_of_turn()
+    llm.stream(2)
+    assert sink.audio() == ["Yes."]
+    provider.interrupt({"c1-1": 10_000})  # all of "Yes." was heard; the rest was never spoken
+    assert llm.cancelled
+    assert [(t.role, t.content) for t in provider.history.turns] == [
+        ("user", "What are your opening hours?"), ("assistant", "Yes.")]
+
+
+def test_caller_going_on_during_transcription_keeps_the_audio_for_the_next_turn():
+    provider, sink, stt, llm, tts, _ = make(["Hi."], SPECULATE="false")
+    stt.hold = True
+    turn = provider.end_of_turn()
+    turn.addErrback(lambda f: f.trap(CancelledError))
+    turn.cancel()  # the engine: the caller spoke again before the reply began
+    provider.speech_started()
+    for _ in range(10):
+        provider.push_audio(bytes(320))
+    stt.hold = False
+    provider.end_of_turn()
+    assert stt.heard[-1] == 35 * 320, "the next turn hears the first part too"

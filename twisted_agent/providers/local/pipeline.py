@@ -188,11 +188,44 @@ class HeldEvents:
         self.later(lambda: self._events.utterance_end(utterance_id))
 
 
+class _TurnAudio:
+    """A turn's audio, to give back to the caller's buffer if the turn is cancelled before it was
+    transcribed (the caller went on: the next turn must hear all of it)."""
+
+    def __init__(self, audio: bytes, committed: bool) -> None:
+        self.audio = audio
+        self.committed = committed  # the turn ended (a speculation is not, until adopted)
+        self.transcribed = False
+
+
 class _Speculation:
-    def __init__(self, turn: Deferred[Any], events: HeldEvents, started: float) -> None:
+    def __init__(self, turn: Deferred[Any], events: HeldEvents, audio: _TurnAudio, started: float) -> None:
         self.turn = turn
         self.events = events
+        self.audio = audio
         self.started = started
+
+
+def _ms(speech: Speech) -> int:
+    return len(speech.pcm) * 1000 // (2 * speech.rate)
+
+
+def heard_text(pieces: list[tuple[str, int]], heard_ms: int) -> str:
+    """What the caller heard of an utterance spoken as ``pieces`` ((text, ms of audio), in order)
+    when ``heard_ms`` of it went out: whole pieces, then the share of the next one's words that
+    fits (speech is roughly even within a piece)."""
+    words: list[str] = []
+    left = heard_ms
+    for text, ms in pieces:
+        if left <= 0:
+            break
+        piece_words = text.split()
+        if ms <= left:
+            words += piece_words
+        else:
+            words += piece_words[: int(len(piece_words) * left / ms)]
+        left -= ms
+    return " ".join(words)
 
 
 def _trap_cancel(failure: Any) -> None:
@@ -228,6 +261,10 @@ class LocalProvider:
         self._audio = bytearray()
         self._turn: Deferred[Any] | None = None
         self._speculation: _Speculation | None = None
+        #: per utterance, the pieces spoken so far: (text, ms of audio), for what a barge-in left heard
+        self._pieces: dict[str, list[tuple[str, int]]] = {}
+        #: the utterance whose text is the history's last assistant turn
+        self._utterance_in_history = ""
         self._ids = itertools.count(1)
         self.closed = False
         #: speculative turns adopted at the turn end, and discarded because the caller went on
@@ -264,8 +301,9 @@ class LocalProvider:
             self.speculations_skipped += 1
             return
         events = HeldEvents(self.call.events)
-        turn = self._begin_turn(bytes(self._audio), events)
-        self._speculation = _Speculation(turn, events, self.reactor.seconds())
+        audio = _TurnAudio(bytes(self._audio), committed=False)
+        turn = self._begin_turn(audio, events)
+        self._speculation = _Speculation(turn, events, audio, self.reactor.seconds())
 
     def end_of_turn(self) -> Deferred[None]:
         audio, self._audio = bytes(self._audio), bytearray()
@@ -274,15 +312,16 @@ class LocalProvider:
             # no speech since the pause it started at (that would have discarded it): the frames
             # since then are silence, and the work is the answer to this turn
             self.speculations_used += 1
+            speculation.audio.audio, speculation.audio.committed = audio, True
             speculation.events.release()
             self.call.events.timing("speculation_head_start", (self.reactor.seconds() - speculation.started) * 1000)
             self._turn = speculation.turn
             return speculation.turn
-        turn = self._begin_turn(audio, HeldEvents(self.call.events, released=True))
+        turn = self._begin_turn(_TurnAudio(audio, committed=True), HeldEvents(self.call.events, released=True))
         self._turn = turn
         return turn
 
-    def _begin_turn(self, audio: bytes, events: HeldEvents) -> Deferred[None]:
+    def _begin_turn(self, audio: _TurnAudio, events: HeldEvents) -> Deferred[None]:
         self.pipeline.pending_turns += 1
         turn = Deferred.fromCoroutine(self._answer(audio, events))
 
@@ -301,8 +340,19 @@ class LocalProvider:
         speculation.turn.cancel()
 
     def interrupt(self, heard_ms_by_utterance: dict[str, int]) -> Deferred[None]:
+        """Barge-in: stop the turn; the history keeps only what the caller heard of the reply."""
         if self._turn is not None and not self._turn.called:
             self._turn.cancel()
+        for utterance_id, ms in heard_ms_by_utterance.items():
+            pieces = self._pieces.get(utterance_id)
+            if pieces is None:
+                continue
+            heard = heard_text(pieces, ms)
+            if utterance_id == self._utterance_in_history:
+                self.history.truncate_last_assistant(heard)  # the whole reply was written: cut it
+            elif heard:
+                self.history.add_assistant(heard)  # the reply was cut off while being written
+                self._utterance_in_history = utterance_id
         return succeed(None)
 
     def speak(self, text: str) -> Deferred[None]:
@@ -320,13 +370,19 @@ class LocalProvider:
 
     # --- a turn ---------------------------------------------------------------------------------
 
-    async def _answer(self, audio: bytes, events: HeldEvents) -> None:
+    async def _answer(self, audio: _TurnAudio, events: HeldEvents) -> None:
         from twisted_agent.providers.local.sentences import SentenceSplitter
 
         pipeline = self.pipeline
         local = pipeline.config.providers.local
         started = self.reactor.seconds()
-        transcript = await pipeline.stt.transcribe(audio, 8000, self.call.context.language)
+        try:
+            transcript = await pipeline.stt.transcribe(audio.audio, 8000, self.call.context.language)
+        except CancelledError:
+            if audio.committed:
+                self._audio[:0] = audio.audio  # the caller went on: the next turn hears this part too
+            raise
+        audio.transcribed = True
         events.timing("stt", (self.reactor.seconds() - started) * 1000)
         if transcript.suppressed or not transcript.text.strip():
             events.later(lambda: self.log.info("call {call_id}: nothing recognisable said ({reason})",
@@ -347,7 +403,8 @@ class LocalProvider:
             for piece in speech:
                 events.agent_audio(piece.pcm, piece.rate, utterance_id)
             events.utterance_end(utterance_id)
-            events.later(lambda: self.history.add_assistant(reply))
+            events.later(lambda: self._reply_in_history(reply, utterance_id))
+            self._record_piece(utterance_id, reply, sum(_ms(piece) for piece in speech))
             return
         splitter = SentenceSplitter(first_piece_words=local.first_piece_words)
         spoken: list[Speech] = []
@@ -385,7 +442,7 @@ class LocalProvider:
         if rest:
             speak_piece(rest)
         events.agent_text(reply, utterance_id)
-        events.later(lambda: self.history.add_assistant(reply))
+        events.later(lambda: self._reply_in_history(reply, utterance_id))
         await synthesis
         events.utterance_end(utterance_id)
         if local.reply_cache and len(pipeline.reply_cache) < 256:
@@ -401,6 +458,7 @@ class LocalProvider:
                 marks["tts_first"] = self.reactor.seconds()
                 events.timing("tts_first_sentence", (marks["tts_first"] - started) * 1000)
             spoken.append(speech)
+            self._record_piece(utterance_id, piece, _ms(speech))
             if not self.closed:
                 events.agent_audio(speech.pcm, speech.rate, utterance_id)
 
@@ -412,11 +470,21 @@ class LocalProvider:
         if self.closed:
             return
         events = self.call.events
+        self._record_piece(utterance_id, text, _ms(speech))
+        if record and self.history is not None:
+            self._reply_in_history(text, utterance_id)
         events.agent_text(text, utterance_id)
         events.agent_audio(speech.pcm, speech.rate, utterance_id)
         events.utterance_end(utterance_id)
-        if record and self.history is not None:
-            self.history.add_assistant(text)
+
+    def _record_piece(self, utterance_id: str, text: str, ms: int) -> None:
+        if utterance_id not in self._pieces and len(self._pieces) >= 4:
+            del self._pieces[next(iter(self._pieces))]  # only the latest utterances can be interrupted
+        self._pieces.setdefault(utterance_id, []).append((text, ms))
+
+    def _reply_in_history(self, reply: str, utterance_id: str) -> None:
+        self.history.add_assistant(reply)
+        self._utterance_in_history = utterance_id
 
     def _failed(self, failure: Any, what: str) -> None:
         if failure.check(CancelledError):
