@@ -277,3 +277,48 @@ async def test_caller_talks_over_the_agent_the_agent_stops_and_answers_the_new_q
     assert call.conversation[-1][1].startswith("You spoke for")
     await caller.hangup()
     await stack.all_released()
+
+
+LONG_GREETING = "Hello and welcome to the bakery, we are glad you called, how can we help you today?"
+
+
+@pytest.mark.parametrize("line", ["echo", "noise", "echo+noise"])
+@pytest_twisted.ensureDeferred
+async def test_the_agents_own_echo_and_line_noise_do_not_interrupt_it(stacks: Any, line: str) -> None:
+    from twisted_agent.sim.line import LineEcho, LineNoise
+
+    stack = await stacks(DOWNSTREAM_MODE="stream", CONTEXT_DEFAULT_GREETING=LONG_GREETING)
+    caller = stack.call()
+    caller.line(echo=LineEcho(delay_ms=40, gain_db=-10) if "echo" in line else None,
+                noise=LineNoise(dbfs=-40) if "noise" in line else None)
+    await caller.answered
+    await until(lambda: caller.first_heard_at() is not None, what="the greeting")
+    call = next(iter(stack.engine.calls.values()))
+    await until(lambda: call.state == "listening", timeout=10, what="the greeting to play out")
+    assert call.barge_ins == [], "the agent interrupted itself"
+    expected_ms = call.provider.voice.duration_ms(LONG_GREETING)
+    segments = caller.heard_segments()  # the tone voice leaves gaps between words
+    assert (segments[-1][1] - segments[0][0]) * 1000 >= expected_ms - 60, "the whole greeting was heard"
+    if "echo" in line:
+        assert call.session.echo.echoes > 0 and call.session.echo.delay is not None, "echo was seen and judged"
+    await caller.hangup()
+    await stack.all_released()
+
+
+@pytest_twisted.ensureDeferred
+async def test_barge_in_still_works_over_the_echo(stacks: Any) -> None:
+    from twisted_agent.sim.line import LineEcho
+
+    stack = await stacks(DOWNSTREAM_MODE="stream", CONTEXT_DEFAULT_GREETING=LONG_GREETING)
+    caller = stack.call()
+    caller.line(echo=LineEcho(delay_ms=40, gain_db=-10))
+    await caller.answered
+    await until(lambda: caller.first_heard_at() is not None, what="the greeting")
+    await sleep(0.8)
+    call = next(iter(stack.engine.calls.values()))
+    speech_started = reactor.seconds() + 0.24  # the clip's leading silence
+    await caller.say(QUESTION)
+    assert len(call.barge_ins) == 1
+    assert call.barge_ins[0] - speech_started < 0.25
+    await caller.hangup()
+    await stack.all_released()

@@ -327,13 +327,21 @@ class Call:
         if not provider.wants_turn_taking or not self.gated:
             provider.push_audio(frame)
         elif self.agent_has_floor and self.config.calls.barge_in:
-            now = self.reactor.seconds()
-            self.barge.frame(frame, now)
-            # still voicing: this frame was voiced (the VAD saw it just before us); a VAD keeps
-            # "in speech" for VAD_END_MS after the last voiced frame, so that is not enough
-            last_voiced = self.session.detector.last_voiced_at
-            if self.barge.due(now) and last_voiced is not None and now - last_voiced < 0.015:
-                self._barge_in()
+            self._barge_frame(frame)
+
+    def _barge_frame(self, frame: bytes) -> None:
+        """A caller frame while the agent has the floor: the caller's voice, or its echo, or nothing?"""
+        now = self.reactor.seconds()
+        session = self.session
+        last_voiced = session.detector.last_voiced_at
+        # the VAD judged this frame just before us: voiced if its last voiced frame is this one
+        voice = last_voiced is not None and now - last_voiced < 0.015
+        if voice and not session.echo.is_caller(self.barge.recent(1) + frame, now):
+            voice = False  # the agent's own voice coming back on the line, or line noise
+        if self.barge.frame(frame, now, voice):
+            self.engine.count("backchannels")  # too short to interrupt: the agent goes on
+        if self.barge.due():
+            self._barge_in()
 
     def speech_started(self) -> None:
         provider = self.provider
@@ -346,11 +354,6 @@ class Call:
             self.turns.speech_started()
         elif self.state == "thinking":
             self._caller_went_on()
-        elif self.agent_has_floor and self.config.calls.barge_in:
-            now = self.reactor.seconds()
-            self.barge.speech_started(getattr(self.session.detector, "speech_started_at", None) or now)
-            if self.barge.due(now):
-                self._barge_in()
 
     def speech_ended(self) -> None:
         provider = self.provider
@@ -362,8 +365,6 @@ class Call:
             self.turns.speech_ended(getattr(self.session.detector, "last_voiced_at", None))
             if self.turns.waiting:  # a turn end is pending: the provider may start on the answer
                 provider.speech_ended()
-        elif self.barge.speech_ended():
-            self.engine.count("backchannels")  # too short to interrupt: the agent goes on
 
     def utterance_sent(self, utterance_id: str, ms: int) -> None:
         if isinstance(self.player, StreamPlayer):

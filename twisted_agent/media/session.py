@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_agent.media.codecs import StreamResampler, resample
+from twisted_agent.media.echo import EchoReference
 from twisted_agent.media.interfaces import FRAME_BYTES, SAMPLE_RATE, IMediaConsumer, IMediaSession
 from twisted_agent.media.pacer import LatenessHistogram, OutboundAudio, Pacer
 
@@ -39,12 +40,16 @@ class MediaSession:
         self.detector = detector_factory(self._speech_started, self._speech_ended)
         self.outbound = OutboundAudio(leg_rate // 50 * 2)
         self.lateness = LatenessHistogram()
+        #: what the agent sent lately, to tell its echo from the caller (see media/echo.py)
+        self.echo = EchoReference(leg_rate)
         self._talking = False
         self._inbound_rate = SAMPLE_RATE
         self._in_resampler: StreamResampler | None = None
         self._partial = b""
         self.frames_in = 0
         self.frames_out = 0
+        #: when the latest agent frame went on the wire
+        self.last_sent_at: float | None = None
         self.speech_segments = 0
         self.consumer_errors = 0
         #: called once with the session when it closes (the media service forgets it)
@@ -139,6 +144,8 @@ class MediaSession:
             assert item is not None
             frame, utterance_id, finished_ms = item
             self._send_frame(frame, not self._talking, index)
+            self.last_sent_at = now
+            self.echo.sent(frame, now)
             self._talking = True
             self.frames_out += 1
             # measured after the write: a frame late in a tick's burst counts as late as it was

@@ -21,6 +21,7 @@ from twisted.internet.task import LoopingCall
 
 from twisted_agent.media.interfaces import FRAME_BYTES, FRAME_SECONDS, SAMPLE_RATE
 from twisted_agent.sim.heard import HeardTrack
+from twisted_agent.sim.line import LineEcho, LineNoise, mix
 
 if TYPE_CHECKING:
     from twisted_agent.sim.control import Timers
@@ -75,6 +76,9 @@ class SimulatedCaller:
         self._talking_since: float | None = None
         self._last_talk: float = 0.0
         self._talk_timer: IDelayedCall | None = None
+        #: an imperfect line (see :meth:`line`): echo of what the caller hears, and noise
+        self.echo: LineEcho | None = None
+        self.noise: LineNoise | None = None
 
     # -- speaking ---------------------------------------------------------------------------------
 
@@ -90,6 +94,14 @@ class SimulatedCaller:
         self._start_mouth()
         return done
 
+    def line(self, echo: LineEcho | None = None, noise: LineNoise | None = None) -> None:
+        """Make the line imperfect: what the caller hears comes back (``echo``) and/or noise is
+        added; the phone then sends a frame every 20 ms from answer to hang-up, as a real line
+        carries echo and noise whether the caller speaks or not."""
+        self.echo, self.noise = echo, noise
+        if self.channel.state == "Up":
+            self._start_mouth()
+
     def _start_mouth(self) -> None:
         if self._mouth is None and self.end_reason is None:
             self._mouth = self._timers.loop(FRAME_SECONDS, self._tick)
@@ -100,21 +112,31 @@ class SimulatedCaller:
 
     def _tick(self, count: int) -> None:
         for _ in range(min(count, _MAX_CATCH_UP)):
+            line = self.echo is not None or self.noise is not None
             if self._speech:
                 buffer, done = self._speech[0]
                 frame = bytes(buffer[:FRAME_BYTES])
                 del buffer[:FRAME_BYTES]
-                self._send(frame)
+                self._send(self._through_line(frame) if line else frame)
                 if not buffer:
                     self._speech.popleft()
                     done.callback(None)
-            elif self.idle == "silence_frames" and self.channel.state == "Up":
-                self._send(_SILENCE)
+            elif (self.idle == "silence_frames" or line) and self.channel.state == "Up":
+                self._send(self._through_line(_SILENCE) if line else _SILENCE)
             else:
                 self._stop_mouth()
                 return
             if self.end_reason is not None:
                 return
+
+    def _through_line(self, frame: bytes) -> bytes:
+        samples = len(frame) // 2
+        parts = []
+        if self.echo is not None:
+            parts.append(self.echo.take(self._timers.seconds(), samples))
+        if self.noise is not None:
+            parts.append(self.noise.take(samples))
+        return mix(frame, *parts)
 
     def _send(self, frame: bytes) -> None:
         self.frames_sent += 1
@@ -172,7 +194,7 @@ class SimulatedCaller:
         self._track.start(now)
         if not self.answered.called:
             self.answered.callback(None)
-        if self.idle == "silence_frames":
+        if self.idle == "silence_frames" or self.echo is not None or self.noise is not None:
             self._start_mouth()
 
     def on_ended(self, reason: str) -> None:
@@ -188,7 +210,10 @@ class SimulatedCaller:
         self.ended.callback(reason)
 
     def hear_stream(self, key: str, pcm: bytes, label: str) -> None:
-        self._track.hear_stream(key, pcm, self._timers.seconds(), label)
+        now = self._timers.seconds()
+        self._track.hear_stream(key, pcm, now, label)
+        if self.echo is not None:
+            self.echo.heard(pcm, now)
 
     def playback_position(self) -> int:
         """Where a file starting to play now lands on the heard track."""

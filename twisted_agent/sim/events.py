@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from autobahn.exception import Disconnected
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
@@ -90,7 +91,10 @@ class EventHub:
         event["asterisk_id"] = self.asterisk_id
         event["application"] = app
         self.sent.append(event)
-        connection.sendMessage(json.dumps(event).encode("utf-8"), isBinary=False)
+        try:
+            connection.sendMessage(json.dumps(event).encode("utf-8"), isBinary=False)
+        except Disconnected:
+            pass  # the connection is closing (Asterisk drops events for a client that is gone)
 
     async def drop_all(self) -> None:
         """Abort every connection (no close handshake) and wait until each is gone."""
