@@ -77,7 +77,7 @@ def test_every_setting_is_overridable_from_the_environment(tmp_path):
         "CONTEXT_NIGHT_GREETING": "closed",
         "MAX_CALLS": "7", "DRAIN_TIMEOUT": "5", "FALLBACK_CONTEXT": "voicemail", "FALLBACK_EXTENSION": "s",
         "FALLBACK_PRIORITY": "2", "TURN_END_MS": "700", "GATE_GUARD_MS": "100",
-        "BARGE_IN": "off", "BARGE_IN_MIN_MS": "200", "PROVIDER_TIMEOUT": "4",
+        "BARGE_IN": "off", "BARGE_IN_MIN_MS": "200", "TRANSFER_DIGIT": "0", "PROVIDER_TIMEOUT": "4",
         "SETUP_TIMEOUT": "3", "FAILURE_ACTION": "hangup", "NO_AUDIO_SECONDS": "9", "TRANSFER_CONTEXT": "humans",
         "TRANSFER_EXTENSION": "100", "TRANSFER_PRIORITY": "3", "WHISPER_MODEL": "base", "LLM_BACKEND": "embedded",
         "OLLAMA_HOST": "10.1.1.1:11434", "LLM_MODEL": "llama3", "TTS_VOICE": "v", "MODELS_DIR": "/srv/models",
@@ -408,3 +408,10 @@ def test_config_path_resolution(tmp_path, monkeypatch):
     assert c.resolve_config_path(None, {}) is None
     (tmp_path / "absent.yaml").write_text("")
     assert c.resolve_config_path(None, {}) == str(tmp_path / "absent.yaml")
+
+
+def test_transfer_digit_is_one_key_or_none() -> None:
+    assert c.load_config(None, {"TRANSFER_DIGIT": "#"}).calls.transfer_digit == "#"
+    assert c.load_config(None, {}).calls.transfer_digit == ""
+    with pytest.raises(c.ConfigError, match=r"TRANSFER_DIGIT.*one of 0-9"):
+        c.load_config(None, {"TRANSFER_DIGIT": "00"})

@@ -181,6 +181,9 @@ class CallsConfig:
         "TRANSFER_CONTEXT", "", s.text, "dialplan context a transfer to a human goes to (empty = FALLBACK_CONTEXT)")
     transfer_extension: str = setting("TRANSFER_EXTENSION", "", s.text, "extension in TRANSFER_CONTEXT")
     transfer_priority: int = setting("TRANSFER_PRIORITY", 1, s.integer(1, 100000), "priority in TRANSFER_CONTEXT")
+    transfer_digit: str = setting(
+        "TRANSFER_DIGIT", "", s.optional_key,
+        "a key the caller presses to reach a human (TRANSFER_CONTEXT); empty = none, keys go to the provider")
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,14 @@ def choice(*allowed: str) -> Parser:
     return parse
 
 
+def optional_key(raw: Any) -> str:
+    """A telephone key (0-9, * or #), or empty for none."""
+    value = text(raw).strip()
+    if value not in ("", *"0123456789*#"):
+        raise ValueError("allowed: empty (no key), or one of 0-9, * and #")
+    return value
+
+
 def ip_address(raw: Any) -> str:
     """An IPv4 or IPv6 literal, normalised."""
     value = text(raw).strip()

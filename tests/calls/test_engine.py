@@ -378,3 +378,18 @@ def test_release_survives_ari_being_down(rig: Rig) -> None:
     rig.ari.failures["continue_in_dialplan"] = ARIUnavailable("POST", "/channels/x/continue", "connection refused")
     finished = call.release("shutdown")
     assert finished.called and call.state == "ended" and len(rig.registry) == 0
+
+
+def test_the_transfer_key_sends_the_caller_to_a_human_other_keys_go_to_the_provider(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, TRANSFER_DIGIT="0", TRANSFER_CONTEXT="humans", TRANSFER_EXTENSION="100")
+    call = rig.answered_call()
+    rig.events.emit(event("ChannelDtmfReceived", channel=channel_json(CALLER), digit="5", duration_ms=120))
+    rig.clock.advance(0)
+    assert call.provider.digits == ["5"] and call.state != "ended"
+    rig.events.emit(event("ChannelDtmfReceived", channel=channel_json(CALLER), digit="0", duration_ms=120))
+    rig.clock.advance(0)
+    rig.clock.advance(1)
+    assert call.state == "ended" and call.end_reason == "caller asked for a human"
+    assert ("continue_in_dialplan", CALLER, "humans", "100", 1) in rig.ari.requests
+    assert call.provider.digits == ["5"], "the transfer key is not the provider's"
+    assert rig.files() == [] and rig.ari.bridges == {}

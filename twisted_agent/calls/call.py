@@ -374,6 +374,12 @@ class Call:
         self.dtmf(digit)
 
     def dtmf(self, digit: str) -> None:
+        if self.config.calls.transfer_digit and digit == self.config.calls.transfer_digit:
+            self.log.info("call {call_id}: the caller pressed {digit}: transfer to a human", call_id=self.call_id,
+                          digit=digit)
+            self.engine.count("transfers_by_key")
+            self.finish("caller asked for a human", caller="transfer")
+            return
         if self.provider is not None and not self._failing:
             self.provider.dtmf(digit)
 
