@@ -108,6 +108,9 @@ def run_mode(mode: str, model: str, calls: int, seconds: float, threads: int) ->
         def media_closed(self, reason: str) -> None:
             pass
 
+        def stream_failed(self, reason: str) -> None:
+            pass
+
     sinks = []  # one peer per call; never read: the kernel drops what overflows their buffers
     for _ in range(calls):
         sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -96,6 +96,9 @@ def run_engine(calls: int, ports: list[int], seconds: float, pacing: str) -> Non
         def media_closed(self, reason: str) -> None:
             pass
 
+        def stream_failed(self, reason: str) -> None:
+            pass
+
     config = load_config(None, {"ARI_URL": "http://127.0.0.1:1/ari"})
     media = dataclasses.replace(config.media, rtp_host="127.0.0.1", rtp_port=0)
     service = MediaService(reactor, media)

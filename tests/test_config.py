@@ -85,7 +85,8 @@ def test_every_setting_is_overridable_from_the_environment(tmp_path):
         "OPENAI_COMPATIBLE_URL": "http://10.0.0.7:8000/v1", "EMBEDDED_MODEL": "smollm2-135m",
         "LLM_MAX_TOKENS": "40", "LLM_TEMPERATURE": "0.7", "HISTORY_TURNS": "4", "TTS_BACKEND": "espeak",
         "LOCAL_MAX_QUEUE": "3", "REPLY_CACHE": "true", "DEEPGRAM_API_KEY": "dg", "STT_WINDOW": "30",
-        "FIRST_PIECE_WORDS": "0", "SPECULATE": "no",
+        "FIRST_PIECE_WORDS": "0", "SPECULATE": "no", "FILLER_MS": "900", "FILLER": "tone", "RINGBACK": "yes",
+        "INACTIVITY_PROMPT_SECONDS": "20", "INACTIVITY_HANGUP_SECONDS": "10", "STREAM_STALL_MS": "500",
         "OPENAI_API_KEY": "oa", "OPENAI_REALTIME_MODEL": "m", "LOG_FORMAT": "json", "LOG_LEVEL": "debug",
     }
     assert set(values) - {"CONTEXT_NIGHT_GREETING"} == {info.env for info in c.SETTINGS}, "cover every setting"
@@ -210,6 +211,12 @@ def test_advertise_host_underivable_names_the_key():
         ({"RTP_ALLOWED_HOSTS": "10.0.0.5, pbx.local"}, "RTP_ALLOWED_HOSTS (environment) = '10.0.0.5, pbx.local': "
                                                        "'pbx.local' is not an IP address or network"),
         ({"VAD_SILERO": "maybe"}, "VAD_SILERO (environment) = 'maybe': expected a boolean"),
+        ({"FILLER": "music"}, "FILLER (environment) = 'music': allowed: phrase, tone, none, or the absolute path of "
+                              "a 16-bit mono WAV file"),
+        ({"FILLER": "/nonexistent/hold.wav"}, "FILLER (environment) = '/nonexistent/hold.wav': cannot read "
+                                              "/nonexistent/hold.wav: No such file or directory"),
+        ({"FILLER": "/etc/hostname"}, "FILLER (environment) = '/etc/hostname': /etc/hostname is not usable: not a "
+                                      "RIFF/WAVE file"),
         ({"VAD_MODE": "4"}, "VAD_MODE (environment) = '4': expected an integer from 0 to 3"),
     ],
 )
@@ -415,3 +422,19 @@ def test_transfer_digit_is_one_key_or_none() -> None:
     assert c.load_config(None, {}).calls.transfer_digit == ""
     with pytest.raises(c.ConfigError, match=r"TRANSFER_DIGIT.*one of 0-9"):
         c.load_config(None, {"TRANSFER_DIGIT": "00"})
+
+
+def test_a_wav_file_of_ones_own_is_a_filler(tmp_path):
+    import struct
+
+    from twisted_agent.calls.comfort import load_filler
+
+    pcm = struct.pack("<4h", 1, -1, 2, -2) * 4000  # 16000 samples at 16 kHz: one second
+    header = b"RIFF" + struct.pack("<I", 36 + len(pcm)) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, 16000,
+                                                                                  32000, 2, 16)
+    path = tmp_path / "hold.wav"
+    path.write_bytes(header + b"data" + struct.pack("<I", len(pcm)) + pcm)
+    config = load(env={"FILLER": str(path)})
+    assert config.calls.filler == str(path)
+    assert len(load_filler(config.calls.filler)) == 16000, "one second at the call's 8 kHz"
+    assert load_filler("none") == b"" and len(load_filler("tone")) == 32000 and len(load_filler("phrase")) > 8000

@@ -184,6 +184,26 @@ class CallsConfig:
     transfer_digit: str = setting(
         "TRANSFER_DIGIT", "", s.optional_key,
         "a key the caller presses to reach a human (TRANSFER_CONTEXT); empty = none, keys go to the provider")
+    filler_ms: int = setting(
+        "FILLER_MS", 1200, s.integer(0, 10000),
+        "no reply audio this long after the caller stopped speaking: play FILLER until it comes (0 = never)")
+    filler: str = setting(
+        "FILLER", "phrase", s.sound("phrase", "tone", "none"),
+        "what fills a slow reply: phrase (a recorded 'one moment, please'), tone (a soft comfort tone), none, "
+        "or the absolute path of a 16-bit mono WAV file")
+    ringback: bool = setting(
+        "RINGBACK", False, s.boolean,
+        "play a ringing tone to the caller after answering until the greeting is ready")
+    inactivity_prompt_seconds: float = setting(
+        "INACTIVITY_PROMPT_SECONDS", 30.0, s.number(0, 3600),
+        "caller silent this long while the agent waits: it asks the context's still_there question (0 = never)")
+    inactivity_hangup_seconds: float = setting(
+        "INACTIVITY_HANGUP_SECONDS", 15.0, s.number(1, 3600),
+        "still silent this long after the question: the agent says the context's goodbye and hangs up")
+    stream_stall_ms: int = setting(
+        "STREAM_STALL_MS", 1000, s.integer(100, 60000),
+        "stream mode: reply audio that cannot leave for this long (send errors, a stalled leg) switches the call "
+        "to file playback")
 
 
 @dataclass(frozen=True)
@@ -272,10 +292,14 @@ class ContextConfig:
     language: str = "en"
     voice: str = ""
     provider: str = ""
+    still_there: str = "Are you still there?"
+    goodbye: str = "I haven't heard from you, so I will end the call now. Goodbye."
 
 
 CONTEXT_FIELDS: dict[str, s.Parser] = {
     "greeting": s.text,
+    "still_there": s.text,
+    "goodbye": s.text,
     "system_prompt": s.nonempty_text,
     "language": s.identifier,
     "voice": s.text,

@@ -110,6 +110,27 @@ def optional_key(raw: Any) -> str:
     return value
 
 
+def sound(*names: str) -> Parser:
+    """One of the built-in sounds, or the absolute path of a 16-bit mono WAV file (checked now)."""
+    def parse(raw: Any) -> str:
+        value = text(raw).strip()
+        if value in names:
+            return value
+        if not os.path.isabs(value):
+            raise ValueError(f"allowed: {', '.join(names)}, or the absolute path of a 16-bit mono WAV file")
+        from twisted_agent.media.wav import WavError, parse_wav
+
+        try:
+            with open(value, "rb") as stream:
+                parse_wav(stream.read())
+        except OSError as e:
+            raise ValueError(f"cannot read {value}: {e.strerror or e}") from None
+        except WavError as e:
+            raise ValueError(f"{value} is not usable: {e}") from None
+        return value
+    return parse
+
+
 def ip_address(raw: Any) -> str:
     """An IPv4 or IPv6 literal, normalised."""
     value = text(raw).strip()

@@ -5,125 +5,16 @@ After every call: the simulator has no live channel or bridge, and MEDIA_DIR hol
 
 from __future__ import annotations
 
-import os
-import socket
-from collections.abc import Callable
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, gatherResults
-from twisted.internet.task import deferLater
 
-from tests.helpers import free_port
+from tests.calls.simstack import QUESTION, converse, reply_audio, sleep, until
 from twisted_agent.calls.engine import APOLOGY_NAME
-from twisted_agent.config import load_config
-from twisted_agent.media.codecs import ulaw_decode, ulaw_encode
 from twisted_agent.providers.echo import EchoFactory, EchoProvider
-from twisted_agent.providers.voices import ToneVoice
-from twisted_agent.service import AgentService
-from twisted_agent.sim import AsteriskSimulator, SimulatedCaller
-
-APP = "asterisk-ai-voice-agent"
-QUESTION = resources.files("twisted_agent.sim").joinpath("clips/question.sl").read_bytes()
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await sleep(0.02)
-
-
-class Stack:
-    """The simulated Asterisk and the real engine, wired together on loopback."""
-
-    def __init__(self, tmp_path: Path, **env: str) -> None:
-        self.media_dir = tmp_path / "media"
-        self.media_dir.mkdir(parents=True)
-        self.env = env
-        self.sim = AsteriskSimulator(reactor, username="ai-agent", password="secret")
-        self.service: AgentService | None = None
-
-    async def start(self) -> Stack:
-        await self.sim.start()
-        config = load_config(None, {
-            "ARI_URL": self.sim.ari_url, "ARI_USERNAME": "ai-agent", "ARI_PASSWORD": "secret",
-            "ARI_RECONNECT_MAX_DELAY": "1", "RTP_HOST": "127.0.0.1", "RTP_PORT": str(free_port(socket.SOCK_DGRAM)),
-            "AUDIOSOCKET_HOST": "127.0.0.1", "AUDIOSOCKET_PORT": str(free_port()), "RTP_ADVERTISE_HOST": "127.0.0.1",
-            "HEALTH_HOST": "127.0.0.1", "HEALTH_PORT": str(free_port()), "MEDIA_DIR": str(self.media_dir),
-            "AI_PROVIDER": "echo", "NO_AUDIO_SECONDS": "0", "DRAIN_TIMEOUT": "1", **self.env,
-        })
-        self.service = AgentService(config, reactor)
-        self.service.privilegedStartService()
-        self.service.startService()
-        await until(lambda: self.engine_connected, what="the engine's ARI events connection")
-        return self
-
-    @property
-    def engine_connected(self) -> bool:
-        return self.service is not None and self.service.ari.connected
-
-    @property
-    def engine(self) -> Any:
-        assert self.service is not None
-        return self.service.engine
-
-    def call(self, **kw: Any) -> SimulatedCaller:
-        return self.sim.originate(APP, **kw)
-
-    def reply_files(self) -> list[str]:
-        return [name for name in os.listdir(self.media_dir) if not name.startswith(APOLOGY_NAME)]
-
-    async def all_released(self) -> None:
-        await until(lambda: not self.engine.calls, what="the engine to forget its calls")
-        await until(lambda: not self.sim.live_channels() and not self.sim.live_bridges(),
-                    what="no live channel or bridge in the simulator")
-        await until(lambda: not self.reply_files(), what="MEDIA_DIR to be empty")
-        assert self.service is not None
-        assert self.service.media.sessions == {}
-
-    async def stop(self) -> None:
-        if self.service is not None:
-            await self.service.stopService()
-        await self.sim.stop()
-
-
-@pytest.fixture
-def stacks(tmp_path: Path) -> Any:
-    started: list[Stack] = []
-
-    async def make(**env: str) -> Stack:
-        stack = Stack(tmp_path / f"stack{len(started)}", **env)
-        started.append(stack)
-        return await stack.start()
-
-    yield make
-    for stack in started:
-        pytest_twisted.blockon(Deferred.fromCoroutine(stack.stop()))
-
-
-def reply_audio(text: str) -> bytes:
-    """What the caller hears of an echo reply played from a μ-law file."""
-    return ulaw_decode(ulaw_encode(ToneVoice().render(text)))
-
-
-async def converse(caller: SimulatedCaller, speech: bytes = QUESTION) -> None:
-    await caller.answered
-    await until(lambda: caller.first_heard_at() is not None, what="the greeting")
-    await sleep(1.6)  # the greeting ends (6 words of tone voice: ~1 s) and the gate guard passes
-    await caller.say(speech)
-    heard = len(caller.heard_segments())
-    await until(lambda: len(caller.heard_segments()) > heard, timeout=5, what="the answer")
-    await sleep(1.3)  # let the answer play out
 
 
 @pytest.mark.parametrize("env", [{}, {"AUDIO_TRANSPORT": "audiosocket"}, {"DOWNSTREAM_MODE": "stream"}],

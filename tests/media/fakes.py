@@ -15,8 +15,12 @@ class FakeUDPTransport:
 
     def __init__(self) -> None:
         self.written: list[tuple[bytes, tuple[str, int]]] = []
+        #: raised by every write while set (the kernel refusing: no route, a firewall)
+        self.error: OSError | None = None
 
     def write(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.error is not None:
+            raise self.error
         self.written.append((data, addr))
 
     def getHost(self) -> Any:
@@ -56,6 +60,9 @@ class Recorder:
 
     def media_closed(self, reason: str) -> None:
         self.events.append(("media_closed", reason))
+
+    def stream_failed(self, reason: str) -> None:
+        self.events.append(("stream_failed", reason))
 
 
 class EnergyVAD:

@@ -149,3 +149,43 @@ def test_close_sends_hangup_and_forgets_the_uuid():
     assert frames_written(transport)[-1] == (framing.HANGUP, b"")
     assert transport.disconnecting
     assert CALL_UUID not in rig.factory.sessions
+
+
+def audio_written(transport: StringTransport) -> bytes:
+    return b"".join(payload for kind, payload in frames_written(transport) if kind == framing.AUDIO_SLIN)
+
+
+def test_asterisk_not_reading_holds_the_audio_back_and_a_long_stall_fails_the_stream():
+    rig = Rig()
+    session, recorder = rig.session()
+    protocol, transport = connected(rig)
+    assert transport.producer is protocol and transport.streaming, "the transport tells us when to stop writing"
+    session.stall_seconds = 0.5
+    audio = b"".join(tone(20, amplitude=1000 + 100 * i) for i in range(60))
+    session.play(audio, 8000, "reply")
+    rig.clock.advance(0.1)
+    protocol.pauseProducing()  # the transport's buffer is full: Asterisk stopped reading
+    written = len(transport.value())
+    for _ in range(20):
+        rig.clock.advance(0.02)
+    assert len(transport.value()) == written and not session.stalled, "held back, not yet a failure"
+    protocol.resumeProducing()
+    for _ in range(60):
+        rig.clock.advance(0.02)
+    assert audio_written(transport) == audio, "none lost, none twice, in order"
+    session.play(audio, 8000, "next")
+    protocol.pauseProducing()
+    for _ in range(27):
+        rig.clock.advance(0.02)
+    failed = [e for e in recorder.events if e[0] == "stream_failed"]
+    assert session.stalled and len(failed) == 1 and protocol.pauses == 2
+    assert session.outbound.take() == [("next", audio)]
+
+
+def test_closing_a_paused_connection_closes_it():
+    rig = Rig()
+    session, _ = rig.session()
+    protocol, transport = connected(rig)
+    protocol.pauseProducing()
+    session.close()
+    assert transport.producer is None and transport.disconnecting

@@ -306,3 +306,39 @@ def test_jitter_and_lateness_in_stats():
 def test_header_helper_matches_build():
     assert header(0, 7, 160, 0xABCDEF01, True) + b"x" == build(
         RTPPacket(payload_type=0, sequence=7, timestamp=160, ssrc=0xABCDEF01, payload=b"x", marker=True))
+
+
+def test_send_errors_hold_the_audio_back_and_a_long_run_of_them_fails_the_stream():
+    import errno
+
+    rig = Rig()
+    session, recorder = rig.session("c1", 4000)
+    session.stall_seconds = 0.3
+    audio = b"".join(tone(20, amplitude=1000 + 100 * i) for i in range(40))  # 800 ms, every frame different
+    session.play(audio, 8000, "reply")
+    rig.clock.advance(0.1)
+    sent_before = len(rig.sent_to(4000))
+    rig.udp.error = OSError(errno.EPERM, "Operation not permitted")  # a firewall rule appeared
+    for _ in range(10):
+        rig.clock.advance(0.02)
+    assert len(rig.sent_to(4000)) == sent_before and session.send_failures == 10
+    rig.udp.error = None  # a hiccup: the frames held back go now, none lost, none twice
+    for _ in range(40):
+        rig.clock.advance(0.02)
+    payloads = [p.payload for p in rig.sent_to(4000)]
+    assert b"".join(ulaw_decode(p) for p in payloads) == ulaw_decode(ulaw_encode(audio))
+    assert not session.stalled and "stream_failed" not in [e[0] for e in recorder.events]
+    session.play(audio, 8000, "next")
+    rig.udp.error = OSError(errno.ENETUNREACH, "Network is unreachable")
+    for _ in range(14):
+        rig.clock.advance(0.02)
+    assert not session.stalled
+    for _ in range(2):
+        rig.clock.advance(0.02)
+    assert session.stalled
+    failed = [e for e in recorder.events if e[0] == "stream_failed"]
+    assert len(failed) == 1 and "no frame could be sent for 0.3s" in failed[0][1]
+    for _ in range(20):
+        rig.clock.advance(0.02)
+    assert len([e for e in recorder.events if e[0] == "stream_failed"]) == 1, "said once"
+    assert session.outbound.take() == [("next", audio)], "nothing lost: all still here"

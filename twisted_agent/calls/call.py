@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from twisted_agent.ari.errors import ARIError, ARINotFound, ARIUnprocessable
 from twisted_agent.calls.bargein import BargeInDetector
+from twisted_agent.calls.comfort import COMFORT_PREFIX, is_comfort
 from twisted_agent.calls.playback import FilePlayer, StreamPlayer
 from twisted_agent.calls.registry import ICallHandle
 from twisted_agent.calls.turns import TurnTaker
@@ -29,6 +30,10 @@ from twisted_agent.media.rtp_endpoint import PeerNotAllowed
 from twisted_agent.providers.base import ICallInfo, IProviderEvents, ProviderError, ToolResult
 
 PRIME_SILENCE = bytes(320)  # one 20 ms frame ends Asterisk's wait for a first media frame after Answer()
+#: TALK_DETECT(set) for file-mode barge-in: Finished comes this long after the caller stops, so a
+#: talk is confirmed BARGE_IN_MIN_MS + this after its onset when no Finished came in between
+TALK_SILENCE_MS = 100
+TALK_THRESHOLD = 256  # func_talkdetect's default energy threshold
 
 
 class SetupFailed(Exception):
@@ -83,6 +88,21 @@ class Call:
         self._interrupted: set[str] = set()
         #: reactor times of barge-ins (the agent's audio was stopped then)
         self.barge_ins: list[float] = []
+        #: the filler or ringback playing now (an utterance id of its own), and until when its
+        #: echo tail still gates the caller's audio
+        self._comfort_id: str | None = None
+        self._comfort_count = 0
+        self._comfort_until = 0.0
+        #: reactor times the filler started playing, one per slow turn
+        self.fillers: list[float] = []
+        #: 0: waiting for the caller; 1: asked "are you still there?"; 2: said goodbye
+        self._idle_stage = 0
+        #: file-mode barge-in: Asterisk's talk detection on the caller channel is on
+        self.talk_detect = False
+        #: why streaming gave up and the call went on with file playback ("" = it did not)
+        self.stream_fallback = ""
+        #: the next caller transcript continues the previous one (its answer was dropped unheard)
+        self._merge_transcript = False
 
     # --- the state machine --------------------------------------------------------------------
 
@@ -134,10 +154,13 @@ class Call:
     def _now_listening(self) -> None:
         self.state = "listening"
         self.turns.reset()
+        self._cancel_timer("filler")
+        self._arm_watchdog()
 
     @_machine.output()
     def _now_thinking(self) -> None:
         self.state = "thinking"
+        self._cancel_timer("inactive")
         self._start_turn()
 
     @_machine.output()
@@ -145,6 +168,8 @@ class Call:
         self.state = "speaking"
         self.turns.reset()
         self._cancel_timer("reply")
+        self._cancel_timer("filler")
+        self._cancel_timer("inactive")
 
     @_machine.output()
     def _now_done(self) -> None:
@@ -241,7 +266,11 @@ class Call:
         if self.config.calls.no_audio_seconds:
             self._timers["no_audio"] = self.reactor.callLater(self.config.calls.no_audio_seconds, self._no_audio)
         self.player = self._make_player()
+        if isinstance(self.player, FilePlayer):
+            await self._detect_talking()
         self.set_up()
+        if config.calls.ringback and self.context.greeting and self.engine.ringback_pcm:
+            self._start_comfort(self.engine.ringback_pcm, "ringback")
         start = self.provider.start(self)
         start.addTimeout(config.calls.provider_timeout, self.reactor)
         try:
@@ -282,10 +311,26 @@ class Call:
 
     def _make_player(self) -> Any:
         if self.config.media.downstream_mode == "stream":
+            self.session.stall_seconds = self.config.calls.stream_stall_ms / 1000
             return StreamPlayer(self.session, self._player_idle, self._audio_started)
+        return self._file_player()
+
+    def _file_player(self) -> FilePlayer:
         return FilePlayer(self.reactor, self.engine.ari, self.call_id, self.call_id, self.config.media.media_dir,
                           self.config.media.codec, self.engine.register_playback, self.engine.unregister_playback,
                           self._player_idle, self._audio_started, self.engine.blocking)
+
+    async def _detect_talking(self) -> None:
+        """File mode: Asterisk takes the caller out of the bridge while it plays a file to them, so
+        their voice does not reach the media leg; its talk detection still hears them (barge-in)."""
+        if not self.config.calls.barge_in or not self.provider.wants_turn_taking or self.talk_detect:
+            return
+        try:
+            await self.engine.ari.set_variable(self.call_id, "TALK_DETECT(set)", f"{TALK_SILENCE_MS},{TALK_THRESHOLD}")
+            self.talk_detect = True
+        except ARIError as e:
+            self.log.warn("call {call_id}: TALK_DETECT could not be set ({error}): no barge-in over file playback",
+                          call_id=self.call_id, error=str(e))
 
     def _setup_failed(self, failure: Any) -> None:
         if failure.check(CancelledError) or self._finishing is not None:
@@ -312,12 +357,19 @@ class Call:
     @property
     def gated(self) -> bool:
         """The agent has the floor: caller audio is not a new turn (the agent never hears itself)."""
-        return self.state in ("speaking", "connecting") or "guard" in self._timers
+        return self.state in ("speaking", "connecting") or "guard" in self._timers or self.comfort_playing
+
+    @property
+    def comfort_playing(self) -> bool:
+        """The filler or the ringback is playing (or its echo tail is still coming back)."""
+        return self._comfort_id is not None or self.reactor.seconds() < self._comfort_until
 
     @property
     def agent_has_floor(self) -> bool:
-        """The agent is speaking, or finished less than GATE_GUARD_MS ago: caller speech may barge in."""
-        return self.state == "speaking" or (self.state == "listening" and "guard" in self._timers)
+        """The agent is speaking, or finished less than GATE_GUARD_MS ago, or a filler stands in for
+        its reply: caller speech may barge in."""
+        return (self.state == "speaking" or (self.state == "listening" and "guard" in self._timers)
+                or (self.state == "thinking" and self.comfort_playing))
 
     def audio_received(self, frame: bytes) -> None:
         self._audio_frames += 1
@@ -347,12 +399,14 @@ class Call:
         provider = self.provider
         if provider is None or self._failing:
             return
+        if not self.gated:
+            self._caller_active()  # while the agent speaks, only a confirmed barge-in counts (echo)
         if not provider.wants_turn_taking:
             provider.speech_started()
         elif self.state == "listening" and not self.gated:
             provider.speech_started()
             self.turns.speech_started()
-        elif self.state == "thinking":
+        elif self.state == "thinking" and not self.comfort_playing:
             self._caller_went_on()
 
     def speech_ended(self) -> None:
@@ -370,10 +424,31 @@ class Call:
         if isinstance(self.player, StreamPlayer):
             self.player.utterance_sent(utterance_id, ms)
 
+    def stream_failed(self, reason: str) -> None:
+        """The media leg stopped taking the agent's audio: file playback for the rest of the call."""
+        old = self.player
+        if not isinstance(old, StreamPlayer) or self._finishing is not None:
+            return
+        self.stream_fallback = reason
+        self.engine.count("playback_fallbacks")
+        self.log.warn("call {call_id}: streaming to the caller failed ({reason}); file playback for the rest of "
+                      "the call", call_id=self.call_id, reason=reason)
+        unsent = old.take_unsent()
+        old.closed = True
+        self.player = self._file_player()
+        if self._comfort_id is not None:
+            self._comfort_id = None
+        for utterance_id, pcm, rate in unsent:
+            if not is_comfort(utterance_id) and utterance_id not in self._interrupted:
+                self.player.add(pcm, rate, utterance_id)
+        self._player_idle()
+        Deferred.fromCoroutine(self._detect_talking())
+
     def dtmf_received(self, digit: str) -> None:
         self.dtmf(digit)
 
     def dtmf(self, digit: str) -> None:
+        self._caller_active()
         if self.config.calls.transfer_digit and digit == self.config.calls.transfer_digit:
             self.log.info("call {call_id}: the caller pressed {digit}: transfer to a human", call_id=self.call_id,
                           digit=digit)
@@ -395,14 +470,25 @@ class Call:
         frames = self.barge.take()
         now = self.reactor.seconds()
         self.barge_ins.append(now)
+        self._caller_active()
         self.engine.count("barge_ins")
         self.log.info("call {call_id}: barge-in after {ms:.0f} ms of caller speech", call_id=self.call_id,
                       ms=self.config.calls.barge_in_min_ms)
         self._cancel_timer("guard")
-        self._interrupted |= self._open_utterances
+        self._cancel_timer("reply")
+        self._cancel_timer("talk")
+        if self.state == "thinking":
+            # over the filler: no word of the answer was heard, so this is the same turn going on
+            self.engine.count("turns_resumed")
+            self._merge_transcript = True
+        self._awaiting_reply_audio = False
+        self._comfort_id = None
+        cut_off = set(self._open_utterances)  # the provider was still producing these
+        self._interrupted |= cut_off
         self._open_utterances.clear()
         self._cancel_turn()
-        stopping = Deferred.fromCoroutine(self.player.stop()) if self.player is not None else succeed({})
+        player = self.player
+        stopping = Deferred.fromCoroutine(player.stop()) if player is not None else succeed({})
         self.caller_took_floor()
         provider.speech_started()
         self.turns.speech_started()
@@ -410,7 +496,10 @@ class Call:
             provider.push_audio(frame)
 
         def heard(ms_by_utterance: dict[str, int]) -> Any:
-            return provider.interrupt(ms_by_utterance)
+            for utterance_id in cut_off:  # e.g. its first sentence played out, the next not ready yet
+                ms_by_utterance.setdefault(utterance_id, player.heard(utterance_id) if player is not None else 0)
+            return provider.interrupt({utterance_id: ms for utterance_id, ms in ms_by_utterance.items()
+                                       if not is_comfort(utterance_id)})
 
         def failed(failure: Any) -> None:
             self.log.failure("call {call_id}: stopping the agent's audio failed", failure, call_id=self.call_id)
@@ -421,8 +510,10 @@ class Call:
         """The turn had ended but the caller speaks again before any reply audio: a pause, not the
         end. The pending reply is dropped; the provider hears the rest as part of the same turn."""
         self.engine.count("turns_resumed")
+        self._merge_transcript = True
         self._cancel_turn()
         self._cancel_timer("reply")
+        self._cancel_timer("filler")
         self._awaiting_reply_audio = False
         self.caller_took_floor()
         self.provider.speech_started()
@@ -445,13 +536,44 @@ class Call:
         self._timers["reply"] = self.reactor.callLater(
             self.config.calls.provider_timeout, self.fail,
             f"provider {self.provider_name} gave no answer within {self.config.calls.provider_timeout:g}s")
+        filler_ms = self.config.calls.filler_ms
+        if filler_ms and self.engine.filler_pcm:
+            waited = self.reactor.seconds() - self._turn_marks.get("speech_end", self.reactor.seconds())
+            self._timers["filler"] = self.reactor.callLater(max(0.0, filler_ms / 1000 - waited), self._filler_due)
         self._turn = self.provider.end_of_turn()
         self._turn.addCallbacks(self._turn_answered, self._turn_failed)
 
+    def _filler_due(self) -> None:
+        """FILLER_MS after the caller stopped, and no reply audio yet: fill the silence."""
+        self._timers.pop("filler", None)
+        if self.state == "thinking" and self._awaiting_reply_audio and self._comfort_id is None:
+            self.engine.count("fillers")
+            self.fillers.append(self.reactor.seconds())
+            self._turn_marks["filler"] = self.reactor.seconds()
+            self._start_comfort(self.engine.filler_pcm, "filler")
+
+    def _start_comfort(self, pcm: bytes, kind: str) -> None:
+        if self.player is None or not pcm:
+            return
+        self._comfort_count += 1
+        self._comfort_id = f"{COMFORT_PREFIX}{kind}-{self._comfort_count}"
+        self.player.add(pcm, 8000, self._comfort_id)
+
+    def _stop_comfort(self) -> None:
+        """Real audio is ready: the filler or ringback stops now (what is queued of it is dropped)."""
+        comfort, self._comfort_id = self._comfort_id, None
+        if comfort is None or self.player is None:
+            return
+        self._comfort_until = 0.0
+        self.player.drop(comfort).addErrback(
+            lambda f: self.log.failure("call {call_id}: stopping the filler failed", f, call_id=self.call_id))
+
     def _turn_answered(self, _: object) -> None:
         self._turn = None
-        if self.state == "thinking" and not self._open_utterances and (self.player is None or self.player.idle):
+        if self.state == "thinking" and not self._open_utterances and (self.player is None or self.player.idle
+                                                                        or self._comfort_id is not None):
             self._cancel_timer("reply")
+            self._stop_comfort()
             self.reply_done()  # the provider chose to say nothing
 
     def _turn_failed(self, failure: Any) -> None:
@@ -468,7 +590,14 @@ class Call:
             self.transcript_append("caller", text)
 
     def transcript_append(self, speaker: str, text: str) -> None:
-        self.conversation.append((speaker, text))
+        merge = self._merge_transcript and bool(self.conversation) and self.conversation[-1][0] == "caller"
+        if speaker == "caller" and merge:
+            # the caller went on after a pause and the answer to the first part was dropped: one turn
+            self.conversation[-1] = ("caller", f"{self.conversation[-1][1]} {text}")
+        else:
+            self.conversation.append((speaker, text))
+        if speaker == "caller":
+            self._merge_transcript = False
 
     def user_speech_started(self) -> None:
         pass  # barge-in for providers that detect speech themselves: the streaming work builds on this
@@ -481,6 +610,8 @@ class Call:
             return
         if self._awaiting_reply_audio and "reply_audio" not in self._turn_marks and self._turn_marks:
             self._turn_marks["reply_audio"] = self.reactor.seconds()
+        if self._comfort_id is not None:
+            self._stop_comfort()
         self._open_utterances.add(utterance_id)
         self._cancel_timer("guard")
         self.audio_out()
@@ -511,7 +642,9 @@ class Call:
 
     # --- the agent's audio reaching the caller --------------------------------------------------
 
-    def _audio_started(self) -> None:
+    def _audio_started(self, utterance_id: str) -> None:
+        if is_comfort(utterance_id):
+            return
         if self._awaiting_reply_audio and self._turn_marks:
             self._awaiting_reply_audio = False
             self._turn_marks["heard"] = self.reactor.seconds()
@@ -524,9 +657,19 @@ class Call:
             timing["turn_end_wait_ms"] = round((marks["turn_end"] - marks["speech_end"]) * 1000, 1)
             timing["voice_to_voice_ms"] = round((marks["heard"] - marks["speech_end"]) * 1000, 1)
             timing["after_turn_end_ms"] = round((marks["heard"] - marks["turn_end"]) * 1000, 1)
+            if "filler" in marks:
+                timing["filler_ms"] = round((marks["filler"] - marks["speech_end"]) * 1000, 1)
         self.turn_timings.append(timing)
 
     def _player_idle(self) -> None:
+        if self._comfort_id is not None and self.player is not None and self.player.idle:
+            self._comfort_id = None
+            if self.state == "thinking" and self._awaiting_reply_audio and self.engine.comfort_pcm:
+                # the filler played out and the answer is still not ready: soft pips until it is
+                self._start_comfort(self.engine.comfort_pcm, "tone")
+            else:
+                # the filler or ringback played out: its echo tail still gates the caller for a moment
+                self._comfort_until = self.reactor.seconds() + self.config.calls.gate_guard_ms / 1000
         if self.state != "speaking" or self._open_utterances or self.player is None or not self.player.idle:
             return
         if "guard" in self._timers:
@@ -554,6 +697,84 @@ class Call:
             self._pending_actions.append(action)
         else:
             action()
+
+    # --- the caller's silence ----------------------------------------------------------------------
+
+    def _caller_active(self) -> None:
+        if self._idle_stage == 2 and self._leave_silent in self._pending_actions:
+            self._pending_actions.remove(self._leave_silent)  # they spoke over the goodbye: stay
+        self._idle_stage = 0
+        if "inactive" in self._timers:
+            self._cancel_timer("inactive")
+            self._arm_watchdog()
+
+    def _arm_watchdog(self) -> None:
+        calls = self.config.calls
+        if not calls.inactivity_prompt_seconds or self._idle_stage >= 2 or self._finishing is not None:
+            return
+        self._cancel_timer("inactive")
+        delay = calls.inactivity_prompt_seconds if self._idle_stage == 0 else calls.inactivity_hangup_seconds
+        self._timers["inactive"] = self.reactor.callLater(delay, self._caller_silent)
+
+    def _caller_silent(self) -> None:
+        """The caller said nothing for a while although it was their turn: ask, then give up."""
+        self._timers.pop("inactive", None)
+        if self.state != "listening" or self.provider is None or self._failing or self._finishing is not None:
+            return
+        if self.session is not None and self.session.detector.in_speech:
+            self._arm_watchdog()  # they are speaking right now: a long turn, not silence
+            return
+        self._idle_stage += 1
+        if self._idle_stage == 1:
+            self.engine.count("inactivity_prompts")
+            self.log.info("call {call_id}: the caller has been silent; asking if they are still there",
+                          call_id=self.call_id)
+            if self.context.still_there:
+                self.provider.speak(self.context.still_there).addErrback(self._speak_failed)
+            self._arm_watchdog()  # re-armed again when the question has been heard
+            return
+        self.engine.count("inactivity_hangups")
+        self.log.info("call {call_id}: the caller stayed silent; saying goodbye and hanging up", call_id=self.call_id)
+
+        def leave(_: object = None) -> None:
+            if self._idle_stage == 2:
+                self._after_speaking(self._leave_silent)
+
+        def failed(failure: Any) -> None:
+            self._speak_failed(failure)
+            leave()
+
+        if self.context.goodbye:
+            self.provider.speak(self.context.goodbye).addCallbacks(leave, failed)
+        else:
+            leave()
+
+    def _leave_silent(self) -> None:
+        self.finish("caller inactive", caller="hangup")
+
+    def _speak_failed(self, failure: Any) -> None:
+        self.log.failure("call {call_id}: the provider could not speak", failure, call_id=self.call_id)
+
+    # --- file-mode barge-in: Asterisk's talk detection ------------------------------------------
+
+    def talking_started(self) -> None:
+        if not self.agent_has_floor:
+            self._caller_active()
+        if not self.talk_detect or not isinstance(self.player, FilePlayer) or not self.agent_has_floor:
+            return
+        if "talk" not in self._timers:
+            confirm = (self.config.calls.barge_in_min_ms + TALK_SILENCE_MS) / 1000
+            self._timers["talk"] = self.reactor.callLater(confirm, self._talk_confirmed)
+
+    def talking_finished(self, duration_ms: int) -> None:
+        if "talk" in self._timers:
+            self._cancel_timer("talk")
+            self.engine.count("backchannels")  # too short to interrupt: the agent goes on
+
+    def _talk_confirmed(self) -> None:
+        self._timers.pop("talk", None)
+        if self.agent_has_floor and self.provider is not None and not self._failing and self._finishing is None:
+            self._barge_in()
 
     # --- failure -------------------------------------------------------------------------------
 

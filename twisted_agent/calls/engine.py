@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted_agent.ari import events as ev
 from twisted_agent.ari.errors import ARIError, ARINotFound
 from twisted_agent.calls.call import Call
+from twisted_agent.calls.comfort import comfort_tone, load_filler, ringback_tone
 from twisted_agent.calls.playback import ENCODERS, FILE_PREFIX, FilePlayer, StreamPlayer, sweep, write_atomically
 from twisted_agent.calls.registry import CallRegistry, Refusal
 from twisted_agent.media.codecs import ulaw_decode
@@ -67,15 +68,18 @@ class CallEngine(Service):
         self._playbacks: dict[str, Any] = {}
         self.counters: Counter[str] = Counter()
         self.apology_pcm = bundled_apology()
+        self.filler_pcm = load_filler(config.calls.filler)
+        #: after the filler, while the answer is still not ready
+        self.comfort_pcm = comfort_tone() if self.filler_pcm else b""
+        self.ringback_pcm = ringback_tone(config.calls.provider_timeout + 5) if config.calls.ringback else b""
         self.finished: list[dict[str, Any]] = []  # recent call summaries (the store keeps history)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def startService(self) -> None:
         Service.startService(self)
-        media = self.config.media
-        if media.downstream_mode == "file":
-            self._prepare_media_dir(media.media_dir)
+        # stream mode needs MEDIA_DIR too: a call whose streaming fails goes on with files
+        self._prepare_media_dir(self.config.media.media_dir)
         self.ari_service.events.add_listener(self.on_event)
         self.ari_service.events.add_connection_listener(self.on_connection)
         self.providers.start()
@@ -89,8 +93,12 @@ class CallEngine(Service):
             write_atomically(self.apology_path() + "." + self.config.media.codec,
                              ENCODERS[self.config.media.codec](self.apology_pcm))
         except OSError as e:
-            self.log.error("MEDIA_DIR {dir} is not usable ({error}): file playback and the apology will fail; "
-                           "run `ai-agent check`", dir=media_dir, error=e.strerror or str(e))
+            if self.config.media.downstream_mode == "file":
+                self.log.error("MEDIA_DIR {dir} is not usable ({error}): file playback and the apology will fail; "
+                               "run `ai-agent check`", dir=media_dir, error=e.strerror or str(e))
+            else:
+                self.log.warn("MEDIA_DIR {dir} is not usable ({error}): a call whose streaming fails cannot go on "
+                              "with file playback", dir=media_dir, error=e.strerror or str(e))
 
     def apology_path(self) -> str:
         return os.path.join(self.config.media.media_dir, APOLOGY_NAME)
@@ -118,6 +126,13 @@ class CallEngine(Service):
             call = self.calls.get(event.channel.id)
             if call is not None:
                 call.dtmf(event.digit)
+        elif isinstance(event, (ev.ChannelTalkingStarted, ev.ChannelTalkingFinished)):
+            call = self.calls.get(event.channel.id)
+            if call is not None:
+                if isinstance(event, ev.ChannelTalkingStarted):
+                    call.talking_started()
+                else:
+                    call.talking_finished(event.duration)
 
     def _stasis_start(self, event: Any) -> None:
         channel = event.channel
@@ -217,8 +232,9 @@ class CallEngine(Service):
     async def apologise(self, call: Call) -> None:
         """Play the recorded apology to the caller and wait until it has been heard."""
         seconds = len(self.apology_pcm) / 16000
-        if call.session is not None and call.session.bound and (
-                isinstance(call.player, StreamPlayer) or self.config.media.downstream_mode == "stream"):
+        streaming = isinstance(call.player, StreamPlayer) or (
+            call.player is None and self.config.media.downstream_mode == "stream")
+        if call.session is not None and call.session.bound and streaming and not call.session.stalled:
             call.session.play(self.apology_pcm, 8000, "apology")
             await deferLater(self.reactor, seconds + 0.2, lambda: None)
             return

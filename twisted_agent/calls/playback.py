@@ -17,6 +17,7 @@ import glob
 import itertools
 import os
 import secrets
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -59,7 +60,7 @@ class FilePlayer:
 
     def __init__(self, reactor: Any, ari: Any, call_id: str, channel_id: str, media_dir: str, codec: str,
                  register: Callable[[str, FilePlayer], None], unregister: Callable[[str], None],
-                 on_idle: Callable[[], None], on_audio_started: Callable[[], None],
+                 on_idle: Callable[[], None], on_audio_started: Callable[[str], None],
                  blocking: Callable[..., Deferred[Any]]) -> None:
         self._reactor = reactor
         self._blocking = blocking
@@ -79,6 +80,9 @@ class FilePlayer:
         self._started: dict[str, float] = {}
         self._files: set[str] = set()
         self._ids = itertools.count(1)
+        self._dropped: set[str] = set()  # utterances not to play any more (their files are skipped)
+        #: utterance -> its chunks being written or queued in Asterisk (what a stop() cuts off)
+        self._unfinished: Counter[str] = Counter()
         self._token = secrets.token_hex(4)
         self.heard_ms: dict[str, int] = {}
         self.closed = False
@@ -93,12 +97,14 @@ class FilePlayer:
         if self.closed or not pcm:
             return
         self._pending += 1
+        self._unfinished[utterance_id] += 1
         self._chain.addCallback(lambda _: Deferred.fromCoroutine(self._write_and_play(pcm, rate, utterance_id)))
         self._chain.addErrback(lambda f: self.log.failure("call {call_id}: playback failed", f, call_id=self.call_id))
 
     async def _write_and_play(self, pcm: bytes, rate: int, utterance_id: str) -> None:
+        queued = False
         try:
-            if self.closed:
+            if self.closed or utterance_id in self._dropped:
                 return
             n = next(self._ids)
             stem = os.path.join(self._media_dir, f"{FILE_PREFIX}{self.call_id}-{self._token}-{n}")
@@ -107,11 +113,12 @@ class FilePlayer:
             await self._blocking(write_atomically, path, data)
             self._files.add(path)
             self.files_written += 1
-            if self.closed:
+            if self.closed or utterance_id in self._dropped:
                 self._delete(path)
                 return
             playback_id = f"{FILE_PREFIX}pb-{self.call_id}-{self._token}-{n}"
             self._queued[playback_id] = (path, utterance_id, len(data) // 8)
+            queued = True
             self._register(playback_id, self)
             try:
                 await self._ari.play(self.channel_id, f"sound:{stem}", playback_id=playback_id)
@@ -123,6 +130,8 @@ class FilePlayer:
                                   path=path, error=str(e))
         finally:
             self._pending -= 1
+            if not queued:
+                self._chunk_done(utterance_id)
             self._check_idle()
 
     def _encode_chunk(self, pcm: bytes, rate: int) -> bytes:
@@ -133,7 +142,7 @@ class FilePlayer:
     def playback_started(self, playback_id: str) -> None:
         if playback_id in self._queued and playback_id not in self._started:
             self._started[playback_id] = self._reactor.seconds()
-            self._on_audio_started()
+            self._on_audio_started(self._queued[playback_id][1])
 
     def playback_finished(self, playback_id: str, state: str) -> None:
         entry = self._queued.get(playback_id)
@@ -155,6 +164,12 @@ class FilePlayer:
         self._unregister(playback_id)
         if entry is not None:
             self._delete(entry[0])
+            self._chunk_done(entry[1])
+
+    def _chunk_done(self, utterance_id: str) -> None:
+        self._unfinished[utterance_id] -= 1
+        if self._unfinished[utterance_id] <= 0:
+            del self._unfinished[utterance_id]
 
     def _delete(self, path: str) -> None:
         self._files.discard(path)
@@ -176,8 +191,9 @@ class FilePlayer:
                 pass  # still unreachable: the next reconnect tries again
 
     async def stop(self) -> dict[str, int]:
-        """Stop everything queued or playing; per utterance, the ms the caller heard."""
-        heard = dict(self.heard_ms)
+        """Stop everything queued or playing; for each utterance cut off, the ms the caller heard of it
+        (utterances already played out are not reported: they were not interrupted)."""
+        heard = {utterance_id: self.heard_ms.get(utterance_id, 0) for utterance_id in self._unfinished}
         now = self._reactor.seconds()
         for playback_id in list(self._queued):
             _, utterance_id, ms = self._queued[playback_id]
@@ -192,6 +208,25 @@ class FilePlayer:
             self._forget(playback_id)
         return heard
 
+    def heard(self, utterance_id: str) -> int:
+        """The ms of an utterance played to the end so far."""
+        return self.heard_ms.get(utterance_id, 0)
+
+    def drop(self, utterance_id: str) -> Deferred[None]:
+        """Stop one utterance (queued, playing, or still being written); the others play on."""
+        self._dropped.add(utterance_id)
+        stopping = [self._stop_one(playback_id) for playback_id, entry in list(self._queued.items())
+                    if entry[1] == utterance_id]
+        return Deferred.fromCoroutine(_all(stopping))
+
+    async def _stop_one(self, playback_id: str) -> None:
+        try:
+            await self._ari.stop_playback(playback_id)
+        except ARIError:
+            pass  # already finished or the channel is gone
+        self._forget(playback_id)
+        self._check_idle()
+
     async def close(self) -> None:
         """Stop playing and delete every file this call wrote."""
         if self.closed:
@@ -205,12 +240,11 @@ class FilePlayer:
 class StreamPlayer:
     """Replies through the media session's paced sender."""
 
-    def __init__(self, session: Any, on_idle: Callable[[], None], on_audio_started: Callable[[], None]) -> None:
+    def __init__(self, session: Any, on_idle: Callable[[], None], on_audio_started: Callable[[str], None]) -> None:
         self._session = session
         self._on_idle = on_idle
         self._on_audio_started = on_audio_started
         self._in_flight: set[str] = set()
-        self.heard_ms: dict[str, int] = {}
         self.closed = False
 
     @property
@@ -222,21 +256,45 @@ class StreamPlayer:
             return
         self._in_flight.add(utterance_id)
         self._session.play(pcm, rate, utterance_id)
-        self._on_audio_started()
+        self._on_audio_started(utterance_id)
 
     def utterance_sent(self, utterance_id: str, ms: int) -> None:
-        self.heard_ms[utterance_id] = ms
         self._in_flight.discard(utterance_id)
         if self.idle:
             self._on_idle()
 
     async def stop(self) -> dict[str, int]:
-        heard = dict(self.heard_ms)
+        """Flush the sender; for each utterance cut off, the ms that went on the wire."""
+        heard = {utterance_id: self._session.outbound.sent_ms(utterance_id) for utterance_id in self._in_flight}
         heard.update(self._session.flush())
         self._in_flight.clear()
         return heard
+
+    def heard(self, utterance_id: str) -> int:
+        """The ms of an utterance on the wire so far."""
+        return self._session.outbound.sent_ms(utterance_id)
+
+    def drop(self, utterance_id: str) -> Deferred[None]:
+        """Stop one utterance at once: its frames still queued never go on the wire."""
+        self._session.outbound.drop(utterance_id)
+        if utterance_id in self._in_flight:
+            self._in_flight.discard(utterance_id)
+            if self.idle:
+                self._on_idle()
+        return succeed(None)
+
+    def take_unsent(self) -> list[tuple[str, bytes, int]]:
+        """Streaming gave up: what was not sent yet, (utterance, PCM, rate), for another player."""
+        taken = [(utterance_id, pcm, self._session.leg_rate) for utterance_id, pcm in self._session.outbound.take()]
+        self._in_flight.clear()
+        return taken
 
     async def close(self) -> None:
         if not self.closed:
             await self.stop()
             self.closed = True
+
+
+async def _all(waits: list[Any]) -> None:
+    for wait in waits:
+        await wait

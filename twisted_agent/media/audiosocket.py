@@ -9,14 +9,16 @@ rate of the frame kind (slin 8 kHz by default). μ-law over AudioSocket is broke
 
 from __future__ import annotations
 
+import socket
 import uuid
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twisted_agent.media import audiosocket_framing as framing
 from twisted_agent.media.pacer import Pacer
@@ -24,6 +26,11 @@ from twisted_agent.media.session import MediaSession, VADFactory
 
 #: a connection that has not named its call within this many seconds is closed
 UUID_TIMEOUT = 5.0
+#: unsent bytes the transport may hold (beyond the kernel's send buffer) before it pauses us: ~0.2 s
+#: of slin16, 0.4 s of slin
+SEND_BUFFER_BYTES = 6400
+#: the kernel's send buffer for an AudioSocket connection (Linux doubles it): about a second of slin
+KERNEL_SEND_BUFFER_BYTES = 8192
 
 
 class AudioSocketSession(MediaSession):
@@ -64,13 +71,15 @@ class AudioSocketSession(MediaSession):
         if not self.closed:
             self._notify("media_closed", reason)
 
-    def _send_frame(self, frame: bytes, marker: bool, index: int) -> None:
+    def _send_frame(self, frame: bytes, marker: bool, index: int) -> bool:
         connection = self.connection
-        if connection is None or connection.transport is None:
-            return
+        if connection is None or connection.transport is None or connection.paused or \
+                getattr(connection.transport, "disconnecting", False):
+            return False  # kept: it goes when Asterisk reads again, or to a file if it never does
         data = framing.encode_frame(self._kind, frame)
         connection.transport.write(data)
         self.bytes_out += len(data)
+        return True
 
     def _release(self) -> None:
         self._factory.unregister(self)
@@ -85,8 +94,14 @@ class AudioSocketSession(MediaSession):
         return stats
 
 
+@implementer(IPushProducer)
 class AudioSocketProtocol(Protocol):
-    """One TCP connection from Asterisk: decode frames, hand them to the session it names."""
+    """One TCP connection from Asterisk: decode frames, hand them to the session it names.
+
+    It is also the producer of what it writes: when Asterisk stops reading, the kernel's send buffer
+    fills, then the transport's own buffer passes ``SEND_BUFFER_BYTES`` and pauses us; the session
+    holds its frames back meanwhile, and a pause longer than STREAM_STALL_MS moves the call to file
+    playback (a stalled leg would otherwise queue the agent's voice for minutes)."""
 
     log = Logger()
     factory: AudioSocketFactory
@@ -96,10 +111,33 @@ class AudioSocketProtocol(Protocol):
         self.session: AudioSocketSession | None = None
         self._timeout: Any = None
         self._closing = False
+        self.paused = False
+        self.pauses = 0
 
     def connectionMade(self) -> None:
         self.factory.connections += 1
         self._timeout = self.factory.clock.callLater(UUID_TIMEOUT, self._no_uuid)
+        transport: Any = self.transport
+        transport.bufferSize = SEND_BUFFER_BYTES
+        transport.registerProducer(self, True)
+        handle = getattr(transport, "getHandle", lambda: None)()
+        if isinstance(handle, socket.socket):
+            # audio is real time: a send buffer autotuned to megabytes would hide a stalled Asterisk
+            # for minutes, and hold agent speech that a barge-in can no longer take back
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SEND_BUFFER_BYTES)
+
+    # --- IPushProducer: the transport tells us when Asterisk stops (and resumes) reading ----------
+
+    def pauseProducing(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.paused = True
 
     def _no_uuid(self) -> None:
         self._timeout = None
@@ -159,12 +197,19 @@ class AudioSocketProtocol(Protocol):
             return
         self._closing = True
         self.transport.write(framing.hangup_frame())
-        self.transport.loseConnection()
+        self._close()
 
     def _abort(self) -> None:
         self._closing = True
         if self.transport is not None:
-            self.transport.loseConnection()
+            self._close()
+
+    def _close(self) -> None:
+        transport: Any = self.transport
+        # a registered producer that is paused would keep the connection open after loseConnection
+        if getattr(transport, "producer", None) is self:
+            transport.unregisterProducer()
+        transport.loseConnection()
 
     def _end(self, reason: str) -> None:
         session, self.session = self.session, None

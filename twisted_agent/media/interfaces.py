@@ -41,6 +41,9 @@ class IMediaConsumer(Interface):
     def media_closed(reason: str) -> None:
         """The media leg ended from the far side (AudioSocket hang-up or connection loss)."""
 
+    def stream_failed(reason: str) -> None:
+        """Outbound audio could not be sent for the session's ``stall_seconds`` (said once)."""
+
 
 class IMediaSession(Interface):
     """One call's media, registered before its peer is known."""

@@ -213,5 +213,24 @@ class OutboundAudio:
         self._queue.clear()
         return report
 
+    def unsend(self, frame: bytes, utterance_id: str) -> None:
+        """Put back a frame :meth:`next_frame` gave out but that could not be sent."""
+        if self._queue and self._queue[0][0] == utterance_id:
+            self._queue[0][1][:0] = frame
+        else:
+            self._queue.appendleft([utterance_id, bytearray(frame)])
+        self._sent[utterance_id] = max(0, self._sent.get(utterance_id, 0) - len(frame))
+
+    def drop(self, utterance_id: str) -> None:
+        """Drop what is queued of one utterance; the rest keeps its place."""
+        kept = [entry for entry in self._queue if entry[0] != utterance_id]
+        self._queue = deque(kept)
+
+    def take(self) -> list[tuple[str, bytes]]:
+        """Empty the queue and hand over what was not sent, utterance by utterance."""
+        taken = [(entry[0], bytes(entry[1])) for entry in self._queue]
+        self._queue.clear()
+        return taken
+
     def sent_ms(self, utterance_id: str) -> int:
         return self._sent.get(utterance_id, 0) // self._bytes_per_ms

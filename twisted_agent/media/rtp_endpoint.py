@@ -138,10 +138,10 @@ class RTPSession(MediaSession):
 
     # --- outbound -------------------------------------------------------------------------------
 
-    def _send_frame(self, frame: bytes, marker: bool, index: int) -> None:
+    def _send_frame(self, frame: bytes, marker: bool, index: int) -> bool:
         peer = self.peer
         if peer is None:
-            return
+            return False
         fmt = self._send_format
         # the timestamp follows the pacer's clock, so it keeps advancing across silences
         packet = header(fmt.payload_type, self._seq_out, self._ts_base + index * FRAME_SAMPLES, self._ssrc_out,
@@ -150,8 +150,9 @@ class RTPSession(MediaSession):
         if self._router.send(packet, peer):
             self.packets_out += 1
             self.bytes_out += len(packet)
-        else:
-            self.send_errors += 1
+            return True
+        self.send_errors += 1
+        return False
 
     def _release(self) -> None:
         self._router.unregister(self)

@@ -54,6 +54,11 @@ class MediaSession:
         self.consumer_errors = 0
         #: called once with the session when it closes (the media service forgets it)
         self.on_close: Callable[[MediaSession], None] | None = None
+        #: outbound audio that cannot leave for this long (send errors) makes the consumer give up streaming
+        self.stall_seconds = 1.0
+        self.send_failures = 0
+        self._stalled_since: float | None = None
+        self.stalled = False
         pacer.add(self)
 
     # --- the call engine's side -------------------------------------------------------------
@@ -101,7 +106,8 @@ class MediaSession:
 
     # --- transport subclasses ----------------------------------------------------------------
 
-    def _send_frame(self, frame: bytes, marker: bool, index: int) -> None:
+    def _send_frame(self, frame: bytes, marker: bool, index: int) -> bool:
+        """Put one frame on the wire; False when it could not be sent."""
         raise NotImplementedError
 
     def _release(self) -> None:
@@ -143,19 +149,32 @@ class MediaSession:
             item = self.outbound.next_frame()
             assert item is not None
             frame, utterance_id, finished_ms = item
-            self._send_frame(frame, not self._talking, index)
-            self.last_sent_at = now
-            self.echo.sent(frame, now)
-            self._talking = True
-            self.frames_out += 1
-            # measured after the write: a frame late in a tick's burst counts as late as it was
-            self.lateness.add(self._pacer.seconds() - deadline)
-            if finished_ms >= 0:
-                self._notify("utterance_sent", utterance_id, finished_ms)
+            if self._send_frame(frame, not self._talking, index):
+                self._stalled_since = None
+                self.last_sent_at = now
+                self.echo.sent(frame, now)
+                self._talking = True
+                self.frames_out += 1
+                # measured after the write: a frame late in a tick's burst counts as late as it was
+                self.lateness.add(self._pacer.seconds() - deadline)
+                if finished_ms >= 0:
+                    self._notify("utterance_sent", utterance_id, finished_ms)
+            else:
+                self.outbound.unsend(frame, utterance_id)  # not lost: it goes later, or to a file
+                self._send_failed(now)
         else:
             self._talking = False  # the next frame starts a new talkspurt: marker bit
         self._tick_inbound(now)
         self.detector.tick(now)
+
+    def _send_failed(self, now: float) -> None:
+        self.send_failures += 1
+        if self._stalled_since is None:
+            self._stalled_since = now
+        elif not self.stalled and now - self._stalled_since >= self.stall_seconds - 1e-6:
+            self.stalled = True
+            self._notify("stream_failed", f"no frame could be sent for {now - self._stalled_since:.1f}s "
+                                          f"({self.send_failures} send failures)")
 
     # --- events --------------------------------------------------------------------------------
 

@@ -52,17 +52,24 @@ class EchoProvider:
         pass
 
     def end_of_turn(self) -> Deferred[None]:
-        heard_ms = self._turn_frames * 20
-        self._turn_frames = 0
-        self.turns.append(heard_ms)
-        events = self.call.events
-        events.transcript(f"[{heard_ms} ms of speech]", True)
-        reply = f"You spoke for {heard_ms / 1000:.1f} seconds."
+        frames, self._turn_frames = self._turn_frames, 0
         if not self.think_ms:
-            self._say(reply)
+            self._answer(frames)
             return succeed(None)
         assert self._clock is not None, "a thinking delay needs a clock"
-        return deferLater(self._clock, self.think_ms / 1000, self._say, reply)  # cancellable
+
+        def given_back(failure: Any) -> Any:
+            # cancelled before a word of the answer: the caller went on, the next turn counts this part too
+            self._turn_frames += frames
+            return failure
+
+        return deferLater(self._clock, self.think_ms / 1000, self._answer, frames).addErrback(given_back)
+
+    def _answer(self, frames: int) -> None:
+        heard_ms = frames * 20
+        self.turns.append(heard_ms)
+        self.call.events.transcript(f"[{heard_ms} ms of speech]", True)
+        self._say(f"You spoke for {heard_ms / 1000:.1f} seconds.")
 
     def _say(self, text: str) -> None:
         if self.closed:
