@@ -231,6 +231,8 @@ CASES: list[tuple[str, Callable[[ARIClient], Deferred[Any]], str, dict[str, str]
      {"type": "mixing,dtmf_events", "bridgeId": "call-1", "name": "ai"}, None, Answer(200, BRIDGE), BRIDGE),
     ("add_channel", lambda c: c.add_channel("call-1", ["c1", "em-1"]), "POST /bridges/call-1/addChannel",
      {"channel": "c1,em-1"}, None, Answer(), None),
+    ("add_channel absorbing keys", lambda c: c.add_channel("call-1", ["c1", "em-1"], absorb_dtmf=True),
+     "POST /bridges/call-1/addChannel", {"channel": "c1,em-1", "absorbDTMF": "true"}, None, Answer(), None),
     ("remove_channel", lambda c: c.remove_channel("call-1", "em-1"), "POST /bridges/call-1/removeChannel",
      {"channel": "em-1"}, None, Answer(), None),
     ("destroy_bridge", lambda c: c.destroy_bridge("call-1"), "DELETE /bridges/call-1", {}, None, Answer(), None),

@@ -130,14 +130,14 @@ class FakeARI:
         variables = {"UNICASTRTP_LOCAL_ADDRESS": peer[0], "UNICASTRTP_LOCAL_PORT": str(peer[1])}
         return self._record("external_media", kwargs, result={"id": channel_id, "channelvars": variables})
 
-    def add_channel(self, bridge_id: str, channel_ids: list[str]) -> Deferred[None]:
+    def add_channel(self, bridge_id: str, channel_ids: list[str], absorb_dtmf: bool = False) -> Deferred[None]:
         for channel_id in channel_ids:
             if channel_id not in self.in_stasis:
-                self.requests.append(("add_channel", bridge_id, list(channel_ids)))
+                self.requests.append(("add_channel", bridge_id, list(channel_ids), absorb_dtmf))
                 return fail(ARIUnprocessable(422, "POST", f"/bridges/{bridge_id}/addChannel",
                                              "Channel not in Stasis application"))
         self.bridges[bridge_id].extend(channel_ids)
-        return self._record("add_channel", bridge_id, list(channel_ids))
+        return self._record("add_channel", bridge_id, list(channel_ids), absorb_dtmf)
 
     def play(self, channel_id: str, media: str, playback_id: str | None = None, lang: str | None = None) -> Any:
         self.playbacks[playback_id or "x"] = media

@@ -12,6 +12,7 @@ from tests.calls.fakes import channel_json, event
 from tests.calls.rig import CALLER, Rig
 from twisted_agent.ari.errors import ARIUnavailable
 from twisted_agent.calls.engine import APOLOGY_NAME
+from twisted_agent.calls.talkdetect import loudest_frame
 from twisted_agent.media.rtp import parse
 
 
@@ -30,12 +31,17 @@ def test_the_ari_requests_of_a_call_in_order(rig: Rig) -> None:
     rig.media_up()  # only now may the media channel join the bridge (earlier: 422)
     names = rig.ari.names()
     assert names[5] == "add_channel"
-    assert rig.ari.requests[5][1:] == (f"ai-bridge-{CALLER}", [CALLER, f"ai-media-{CALLER}"])
+    # absorbDTMF: a key the caller presses reaches us once, as ChannelDtmfReceived, not also on the media leg
+    assert rig.ari.requests[5][1:] == (f"ai-bridge-{CALLER}", [CALLER, f"ai-media-{CALLER}"], True)
     # file mode: Asterisk takes the caller out of the bridge while a file plays to them; its talk
-    # detection is what hears a barge-in then
-    assert rig.ari.requests[6][1:] == (CALLER, "TALK_DETECT(set)", "100,256")
-    assert names[7] == "play", "the greeting plays from a file"
+    # detection is what hears a barge-in then, at a threshold the greeting's echo cannot reach
     call = rig.engine.calls[CALLER]
+    assert rig.ari.requests[6][1:] == (CALLER, "TALK_DETECT(set)", "100,256")
+    greeting = call.provider.voice.render(call.context.greeting)
+    threshold = round(loudest_frame(greeting, call.provider.voice.rate) * 10 ** (-8 / 20))
+    assert 256 < threshold < 4000
+    assert rig.ari.requests[7][1:] == (CALLER, "TALK_DETECT(set)", f"100,{threshold}")
+    assert names[8] == "play", "the greeting plays from a file"
     assert call.state == "speaking"
     # the media session was primed with silence at once (Asterisk waits for a first frame after Answer)
     rig.clock.advance(0.02)
@@ -311,3 +317,18 @@ def test_the_transfer_key_sends_the_caller_to_a_human_other_keys_go_to_the_provi
     assert ("continue_in_dialplan", CALLER, "humans", "100", 1) in rig.ari.requests
     assert call.provider.digits == ["5"], "the transfer key is not the provider's"
     assert rig.files() == [] and rig.ari.bridges == {}
+
+
+def test_a_key_reported_both_by_ari_and_on_the_media_leg_is_one_press(rig: Rig) -> None:
+    call = rig.answered_call()
+    provider = call.provider
+    call.dtmf("5")  # ChannelDtmfReceived
+    rig.clock.advance(0.03)
+    call.dtmf_received("5")  # the same press as an AudioSocket DTMF frame (a bridge that passed it on)
+    call.dtmf_received("7")  # a press only the media leg saw
+    rig.clock.advance(0.03)
+    call.dtmf("7")
+    call.dtmf("5")  # pressed again: a second press
+    rig.clock.advance(1.0)
+    call.dtmf_received("5")  # too late to be the other report of that press
+    assert provider.digits == ["5", "7", "5", "5"]

@@ -71,8 +71,8 @@ class IARIClient(Interface):
     def create_bridge(bridge_id: str, bridge_type: str = "mixing", name: str | None = None) -> Deferred[dict[str, Any]]:
         """POST /bridges?type=...&bridgeId=...: the Bridge JSON."""
 
-    def add_channel(bridge_id: str, channel_ids: Sequence[str]) -> Deferred[None]:
-        """POST /bridges/{id}/addChannel?channel=a,b."""
+    def add_channel(bridge_id: str, channel_ids: Sequence[str], absorb_dtmf: bool = False) -> Deferred[None]:
+        """POST /bridges/{id}/addChannel?channel=a,b (&absorbDTMF=true: their keys stay out of the bridge)."""
 
     def remove_channel(bridge_id: str, channel_id: str) -> Deferred[None]:
         """POST /bridges/{id}/removeChannel."""

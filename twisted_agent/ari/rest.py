@@ -178,9 +178,13 @@ class ARIClient:
     ) -> Deferred[dict[str, Any]]:
         return self._object("POST", "/bridges", {"type": bridge_type, "bridgeId": bridge_id, "name": name})
 
-    def add_channel(self, bridge_id: str, channel_ids: str | Sequence[str]) -> Deferred[None]:
+    def add_channel(self, bridge_id: str, channel_ids: str | Sequence[str],
+                    absorb_dtmf: bool = False) -> Deferred[None]:
         channels = channel_ids if isinstance(channel_ids, str) else ",".join(channel_ids)
-        return self._void("POST", f"/bridges/{_segment(bridge_id)}/addChannel", {"channel": channels})
+        params = {"channel": channels}
+        if absorb_dtmf:
+            params["absorbDTMF"] = "true"
+        return self._void("POST", f"/bridges/{_segment(bridge_id)}/addChannel", params)
 
     def remove_channel(self, bridge_id: str, channel_id: str) -> Deferred[None]:
         return self._void("POST", f"/bridges/{_segment(bridge_id)}/removeChannel", {"channel": channel_id})

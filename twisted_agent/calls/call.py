@@ -24,16 +24,16 @@ from twisted_agent.calls.bargein import BargeInDetector
 from twisted_agent.calls.comfort import COMFORT_PREFIX, is_comfort
 from twisted_agent.calls.playback import FilePlayer, StreamPlayer
 from twisted_agent.calls.registry import ICallHandle
+from twisted_agent.calls.talkdetect import SILENCE_MS as TALK_SILENCE_MS
+from twisted_agent.calls.talkdetect import TalkThreshold
 from twisted_agent.calls.turns import TurnTaker
 from twisted_agent.media.interfaces import IMediaConsumer
 from twisted_agent.media.rtp_endpoint import PeerNotAllowed
 from twisted_agent.providers.base import ICallInfo, IProviderEvents, ProviderError, ToolResult
 
 PRIME_SILENCE = bytes(320)  # one 20 ms frame ends Asterisk's wait for a first media frame after Answer()
-#: TALK_DETECT(set) for file-mode barge-in: Finished comes this long after the caller stops, so a
-#: talk is confirmed BARGE_IN_MIN_MS + this after its onset when no Finished came in between
-TALK_SILENCE_MS = 100
-TALK_THRESHOLD = 256  # func_talkdetect's default energy threshold
+#: a key reported both by ARI and on the media leg within this time is one press
+KEY_MATCH_SECONDS = 0.5
 
 
 class SetupFailed(Exception):
@@ -97,12 +97,16 @@ class Call:
         self.fillers: list[float] = []
         #: 0: waiting for the caller; 1: asked "are you still there?"; 2: said goodbye
         self._idle_stage = 0
-        #: file-mode barge-in: Asterisk's talk detection on the caller channel is on
+        #: file-mode barge-in: Asterisk's talk detection on the caller channel is on, at this threshold
         self.talk_detect = False
+        self.talk_threshold = TalkThreshold()
+        self._talk_setting: Deferred[None] | None = None  # a TALK_DETECT request in flight
         #: why streaming gave up and the call went on with file playback ("" = it did not)
         self.stream_fallback = ""
         #: the next caller transcript continues the previous one (its answer was dropped unheard)
         self._merge_transcript = False
+        #: keys reported by one source ("ari", "media") and not yet by the other: (digit, time)
+        self._keys: dict[str, list[tuple[str, float]]] = {}
 
     # --- the state machine --------------------------------------------------------------------
 
@@ -255,7 +259,9 @@ class Call:
                 from None
         for attempt in range(5):
             try:
-                await ari.add_channel(self.bridge_id, [self.call_id, self.media_channel_id])
+                # the caller's keys come as ChannelDtmfReceived; kept out of the bridge, they do not
+                # reach the media leg as well (RFC 4733 packets, or AudioSocket DTMF frames: twice)
+                await ari.add_channel(self.bridge_id, [self.call_id, self.media_channel_id], absorb_dtmf=True)
                 break
             except ARIUnprocessable:
                 # "not in Stasis": only possible when its start was inferred after an ARI outage
@@ -326,11 +332,28 @@ class Call:
         if not self.config.calls.barge_in or not self.provider.wants_turn_taking or self.talk_detect:
             return
         try:
-            await self.engine.ari.set_variable(self.call_id, "TALK_DETECT(set)", f"{TALK_SILENCE_MS},{TALK_THRESHOLD}")
+            await self.engine.ari.set_variable(self.call_id, "TALK_DETECT(set)", self.talk_threshold.setting())
             self.talk_detect = True
         except ARIError as e:
             self.log.warn("call {call_id}: TALK_DETECT could not be set ({error}): no barge-in over file playback",
                           call_id=self.call_id, error=str(e))
+
+    def _playing_file(self, pcm: bytes, rate: int) -> None:
+        """Agent audio about to play from a file: keep talk detection deaf to its echo."""
+        if self.talk_threshold.played(pcm, rate) and self.talk_detect and self._talk_setting is None:
+            self._talk_setting = Deferred.fromCoroutine(self._set_talk_threshold())
+
+    async def _set_talk_threshold(self) -> None:
+        sent = None
+        try:
+            while sent != self.talk_threshold.value and self._finishing is None:  # the latest value wins
+                sent = self.talk_threshold.value
+                await self.engine.ari.set_variable(self.call_id, "TALK_DETECT(set)", self.talk_threshold.setting())
+        except ARIError as e:
+            self.log.warn("call {call_id}: TALK_DETECT threshold not raised ({error})", call_id=self.call_id,
+                          error=str(e))
+        finally:
+            self._talk_setting = None
 
     def _setup_failed(self, failure: Any) -> None:
         if failure.check(CancelledError) or self._finishing is not None:
@@ -440,14 +463,32 @@ class Call:
             self._comfort_id = None
         for utterance_id, pcm, rate in unsent:
             if not is_comfort(utterance_id) and utterance_id not in self._interrupted:
+                self._playing_file(pcm, rate)
                 self.player.add(pcm, rate, utterance_id)
         self._player_idle()
         Deferred.fromCoroutine(self._detect_talking())
 
     def dtmf_received(self, digit: str) -> None:
-        self.dtmf(digit)
+        """A key on the media leg (an AudioSocket DTMF frame): the same press as a ChannelDtmfReceived
+        that came or will come, unless the bridge let it through only one way."""
+        self._key(digit, "media")
 
     def dtmf(self, digit: str) -> None:
+        self._key(digit, "ari")
+
+    def _key(self, digit: str, source: str) -> None:
+        now = self.reactor.seconds()
+        other = "media" if source == "ari" else "ari"
+        unmatched = self._keys.setdefault(other, [])
+        unmatched[:] = [(key, at) for key, at in unmatched if now - at < KEY_MATCH_SECONDS]
+        for index, (key, _) in enumerate(unmatched):
+            if key == digit:  # the other report of a press already handled
+                del unmatched[index]
+                return
+        self._keys.setdefault(source, []).append((digit, now))
+        self._pressed(digit)
+
+    def _pressed(self, digit: str) -> None:
         self._caller_active()
         if self.config.calls.transfer_digit and digit == self.config.calls.transfer_digit:
             self.log.info("call {call_id}: the caller pressed {digit}: transfer to a human", call_id=self.call_id,
@@ -557,6 +598,8 @@ class Call:
             return
         self._comfort_count += 1
         self._comfort_id = f"{COMFORT_PREFIX}{kind}-{self._comfort_count}"
+        if isinstance(self.player, FilePlayer):
+            self._playing_file(pcm, 8000)
         self.player.add(pcm, 8000, self._comfort_id)
 
     def _stop_comfort(self) -> None:
@@ -615,6 +658,8 @@ class Call:
         self._open_utterances.add(utterance_id)
         self._cancel_timer("guard")
         self.audio_out()
+        if isinstance(self.player, FilePlayer):
+            self._playing_file(pcm, rate)
         self.player.add(pcm, rate, utterance_id)
 
     def utterance_end(self, utterance_id: str) -> None:

@@ -221,6 +221,8 @@ class SimulatedCaller:
 
     def hear_at(self, position: int, pcm: bytes, label: str) -> None:
         self._track.hear_at(position, pcm, label)
+        if self.echo is not None:
+            self.echo.heard(pcm, self._timers.seconds())  # a file played to the caller echoes like any sound
 
     # -- what the caller heard -------------------------------------------------------------------------
 

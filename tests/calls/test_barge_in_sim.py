@@ -1,0 +1,179 @@
+"""Barge-in on whole calls: the real engine against the simulated Asterisk, on loopback sockets.
+
+The caller talks over the agent (it stops, and answers the new question), says "mm-hm" (it goes on),
+its own echo and line noise come back (it goes on), pauses mid-sentence (one answer to the whole
+sentence); in stream mode and in file mode, where Asterisk suspends the caller from the bridge
+while a file plays and the engine hears them through TALK_DETECT.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from tests.calls.simstack import QUESTION, reply_audio, sleep, until
+from twisted_agent.providers.echo import EchoProvider
+from twisted_agent.sim.line import LineEcho, LineNoise
+
+LONG_GREETING = "Hello and welcome to the bakery, we are glad you called, how can we help you today?"
+FRAME = 320  # bytes of a 20 ms frame of the clips (8 kHz s16le)
+#: the clip says "Hello" in frames 12-30, pauses, then "what are your opening hours ..." from frame 49
+HELLO, REST = QUESTION[: 32 * FRAME], QUESTION[48 * FRAME:]
+LEAD_S = 0.24  # the clip's leading silence: its voice reaches the line this long after say()
+
+
+def the_call(stack: Any) -> Any:
+    return next(iter(stack.engine.calls.values()))
+
+
+@pytest_twisted.ensureDeferred
+async def test_caller_talks_over_the_agent_the_agent_stops_and_answers_the_new_question(stacks: Any) -> None:
+    stack = await stacks(DOWNSTREAM_MODE="stream", CONTEXT_DEFAULT_GREETING=LONG_GREETING)
+    caller = stack.call()
+    await caller.answered
+    await until(lambda: caller.first_heard_at() is not None, what="the greeting")
+    await sleep(0.5)  # mid-greeting (the tone voice takes ~3 s for it)
+    call = the_call(stack)
+    provider: EchoProvider = call.provider
+    assert call.state == "speaking"
+    speech_started = reactor.seconds() + LEAD_S
+    await caller.say(QUESTION)
+    assert len(call.barge_ins) == 1, "one interruption"
+    stopped_after = call.barge_ins[0] - speech_started
+    assert 0.1 < stopped_after < 0.2, f"the agent stopped {stopped_after * 1000:.0f} ms after the caller began"
+    greeting_heard = caller.heard_segments()[0]
+    origin = caller.answered_at
+    assert origin is not None
+    assert origin + greeting_heard[1] < call.barge_ins[0] + 0.1, "no agent audio on the wire after the barge-in"
+    assert provider.interruptions and 0 < next(iter(provider.interruptions[0].values())) < 3000, \
+        "the provider was told how much of the greeting was heard"
+    heard_before = len(caller.heard_segments())
+    await until(lambda: len(caller.heard_segments()) > heard_before, timeout=5, what="the answer")
+    assert len(provider.turns) == 1 and provider.turns[0] >= 2500, "the whole question, from its first syllable"
+    assert call.conversation[-1][1].startswith("You spoke for")
+    await caller.hangup()
+    await stack.all_released()
+
+
+@pytest.mark.parametrize("idle", ["silence_frames"])
+@pytest.mark.parametrize(("sound", "env"), [
+    (QUESTION[13 * FRAME: 18 * FRAME], {}),  # a 100 ms "mm", under the default BARGE_IN_MIN_MS of 120
+    (HELLO[12 * FRAME:], {"BARGE_IN_MIN_MS": "600"}),  # a 400 ms "hello?" where the minimum is 600 ms
+], ids=["mm-120", "hello-600"])
+@pytest_twisted.ensureDeferred
+async def test_a_backchannel_does_not_interrupt(stacks: Any, sound: bytes, env: dict[str, str], idle: str) -> None:
+    stack = await stacks(DOWNSTREAM_MODE="stream", CONTEXT_DEFAULT_GREETING=LONG_GREETING, **env)
+    caller = stack.call(idle=idle)
+    await caller.answered
+    await until(lambda: caller.first_heard_at() is not None, what="the greeting")
+    await sleep(0.6)
+    call = the_call(stack)
+    await caller.say(sound)
+    await until(lambda: call.state == "listening", timeout=10, what="the greeting to play out")
+    assert call.barge_ins == [] and stack.engine.counters["backchannels"] >= 1, "heard, counted, not an interruption"
+    assert reply_audio(LONG_GREETING) in caller.heard(), "the caller heard the whole greeting"
+    await caller.hangup()
+    await stack.all_released()
+
+
+@pytest.mark.parametrize("line", ["echo", "noise", "echo+noise", "file+echo"])
+@pytest_twisted.ensureDeferred
+async def test_the_agents_own_echo_and_line_noise_do_not_interrupt_it(stacks: Any, line: str) -> None:
+    mode = "file" if line.startswith("file") else "stream"
+    stack = await stacks(DOWNSTREAM_MODE=mode, CONTEXT_DEFAULT_GREETING=LONG_GREETING)
+    caller = stack.call()
+    caller.line(echo=LineEcho(delay_ms=40, gain_db=-10) if "echo" in line else None,
+                noise=LineNoise(dbfs=-40) if "noise" in line else None)
+    await caller.answered
+    await until(lambda: caller.first_heard_at() is not None, what="the greeting")
+    call = the_call(stack)
+    await until(lambda: call.state == "listening", timeout=10, what="the greeting to play out")
+    assert call.barge_ins == [], "the agent interrupted itself"
+    expected_ms = call.provider.voice.duration_ms(LONG_GREETING)
+    segments = caller.heard_segments()  # the tone voice leaves gaps between words
+    assert (segments[-1][1] - segments[0][0]) * 1000 >= expected_ms - 60, "the whole greeting was heard"
+    if mode == "stream" and "echo" in line:
+        assert call.session.echo.echoes > 0 and call.session.echo.delay is not None, "echo was seen and judged"
+    if mode == "file":
+        talks = [e for e in stack.sim.events_sent() if e["type"] == "ChannelTalkingStarted"]
+        assert talks == [], "the echo of the file never reached the talk detection threshold"
+    await caller.hangup()
+    await stack.all_released()
+
+
+@pytest_twisted.ensureDeferred
+async def test_barge_in_still_works_over_the_echo(stacks: Any) -> None:
+    stack = await stacks(DOWNSTREAM_MODE="stream", CONTEXT_DEFAULT_GREETING=LONG_GREETING)
+    caller = stack.call()
+    caller.line(echo=LineEcho(delay_ms=40, gain_db=-10))
+    await caller.answered
+    await until(lambda: caller.first_heard_at() is not None, what="the greeting")
+    await sleep(0.8)
+    call = the_call(stack)
+    speech_started = reactor.seconds() + LEAD_S
+    await caller.say(QUESTION)
+    assert len(call.barge_ins) == 1
+    assert call.barge_ins[0] - speech_started < 0.25
+    await caller.hangup()
+    await stack.all_released()
+
+
+@pytest.mark.parametrize("echo", [False, True], ids=["clean", "echo"])
+@pytest_twisted.ensureDeferred
+async def test_file_mode_barge_in_stops_the_playback_deletes_its_file_and_answers(stacks: Any, echo: bool) -> None:
+    stack = await stacks(CONTEXT_DEFAULT_GREETING=LONG_GREETING)  # DOWNSTREAM_MODE=file, the default
+    caller = stack.call()
+    if echo:
+        caller.line(echo=LineEcho(delay_ms=40, gain_db=-10))
+    await caller.answered
+    await until(lambda: caller.first_heard_at() is not None, what="the greeting")
+    greeting_files = stack.reply_files()
+    assert len(greeting_files) == 1, "the greeting plays from a file"
+    await sleep(0.8)
+    call = the_call(stack)
+    provider: EchoProvider = call.provider
+    speech_started = reactor.seconds() + LEAD_S
+    await caller.say(QUESTION)
+    assert len(call.barge_ins) == 1, "Asterisk's talk detection heard the caller over the file"
+    stopped_after = call.barge_ins[0] - speech_started
+    assert 0.2 < stopped_after < 0.35, f"stopped {stopped_after * 1000:.0f} ms after the caller began"
+    stops = [r for r in stack.sim.requests if r[0] == "DELETE" and r[1].startswith("/ari/playbacks/")]
+    assert len(stops) == 1, "the ARI playback was stopped"
+    finished = [e for e in stack.sim.events_sent() if e["type"] == "PlaybackFinished"]
+    assert finished and stops[0][1].endswith(finished[0]["playback"]["id"])
+    assert greeting_files[0] not in stack.reply_files(), "and its file deleted"
+    greeting = next(segment for segment in caller.heard_segments() if segment[2].startswith("playback:"))
+    origin = caller.answered_at
+    assert origin is not None and origin + greeting[1] < call.barge_ins[0] + 0.06, "the file stopped at once"
+    heard = len(caller.heard_segments())
+    await until(lambda: len(caller.heard_segments()) > heard, timeout=5, what="the answer")
+    assert provider.interruptions and list(provider.interruptions[0]) == [f"{call.call_id}-1"]
+    assert len(provider.turns) == 1 and provider.turns[0] >= 2000, "the question from its first syllable"
+    await caller.hangup()
+    await stack.all_released()
+
+
+@pytest.mark.parametrize("mode", ["stream", "file"])
+@pytest_twisted.ensureDeferred
+async def test_a_mid_sentence_pause_gets_one_answer_to_the_whole_sentence(stacks: Any, mode: str) -> None:
+    stack = await stacks(DOWNSTREAM_MODE=mode)
+    stack.engine.providers.factories["echo"].think_ms = 300  # an answer takes a moment, as a real one does
+    caller = stack.call()
+    await caller.answered
+    call = the_call(stack)
+    await until(lambda: call.state == "listening" and call.conversation, timeout=10, what="the greeting")
+    await sleep(0.2)
+    heard = len(caller.heard_segments())
+    await caller.say(HELLO + bytes(30 * FRAME) + REST)  # "Hello ... <600 ms> ... what are your opening hours?"
+    assert stack.engine.counters["turns_resumed"] == 1, "the turn had ended on the pause, then went on"
+    assert len(caller.heard_segments()) == heard, "no answer to the first half"
+    await until(lambda: len(caller.heard_segments()) > heard, timeout=5, what="the answer")
+    provider: EchoProvider = call.provider
+    assert len(provider.turns) == 1 and provider.turns[0] >= 2600, "one turn: the whole sentence"
+    answers = [text for speaker, text in call.conversation if speaker == "agent"][1:]
+    assert len(answers) == 1 and answers[0] == f"You spoke for {provider.turns[0] / 1000:.1f} seconds."
+    await caller.hangup()
+    await stack.all_released()

@@ -1,0 +1,62 @@
+"""File-mode barge-in: Asterisk's talk detection on the caller channel, kept deaf to the agent's echo.
+
+While a file plays to a bridged channel, Asterisk suspends the channel from the bridge (PROTOCOLS.md
+§6, sim/playback.py): the caller's voice does not reach the media leg, so stream mode's echo-aware
+detector (media/echo.py) cannot hear it. ``TALK_DETECT`` (func_talkdetect.c) still measures the
+channel's inbound audio: ``ChannelTalkingStarted`` when a 20 ms frame's mean magnitude reaches the
+threshold, ``ChannelTalkingFinished`` once it has stayed below for ``SILENCE_MS``. A talk is
+confirmed as a barge-in when no Finished came ``BARGE_IN_MIN_MS + SILENCE_MS`` after its Started
+(so a file-mode barge-in takes ~100 ms longer than a streamed one).
+
+**Echo.** The line returns what the caller hears, 10 dB or more quieter, and talk detection cannot
+tell it from the caller: at Asterisk's default threshold (256, about -42 dBFS) the agent's own echo
+would interrupt it. The engine knows every sample it plays, so it keeps the threshold
+``ECHO_MARGIN_DB`` (8 dB) under the loudest 20 ms frame of the call's agent audio so far: the echo
+of that audio, at least 10 dB down, stays under it, while a caller who talks about as loud as the
+agent clears it on every stressed syllable. It only rises (a louder reply raises it before it plays;
+one ARI request), between ``FLOOR`` and ``CEILING``.
+
+**Limits.** A caller much quieter than the agent (more than ~8 dB) cannot interrupt a file, and
+echo returned less than 8 dB down (a handset on speaker at full volume) still can: stream mode,
+which compares the inbound audio with what was sent, has neither limit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SILENCE_MS = 100
+FLOOR = 256  # func_talkdetect's default: nothing quieter is ever talk
+CEILING = 4000  # about -20 dBFS: a caller at a normal level can always interrupt
+ECHO_MARGIN_DB = 8.0
+#: raise the threshold only when it must rise by more than this share (fewer ARI requests)
+_STEP = 1.1
+
+
+def loudest_frame(pcm: bytes, rate: int) -> float:
+    """The highest mean magnitude of a 20 ms frame of 16-bit ``pcm`` (func_talkdetect's measure)."""
+    samples = np.frombuffer(pcm[: len(pcm) - len(pcm) % 2], dtype="<i2").astype(np.float32)
+    size = max(1, rate // 50)
+    whole = len(samples) // size * size
+    if not whole:
+        return float(np.abs(samples).mean()) if len(samples) else 0.0
+    return float(np.abs(samples[:whole]).reshape(-1, size).mean(axis=1).max())
+
+
+class TalkThreshold:
+    """The TALK_DETECT threshold for one call: raised as louder agent audio is played."""
+
+    def __init__(self) -> None:
+        self.value = FLOOR
+
+    def setting(self) -> str:
+        """The value of ``TALK_DETECT(set)``: dsp silence ms, threshold."""
+        return f"{SILENCE_MS},{self.value}"
+
+    def played(self, pcm: bytes, rate: int) -> bool:
+        """Agent audio about to play: True when the threshold rose (set it again before it plays)."""
+        wanted = min(CEILING, round(loudest_frame(pcm, rate) * 10 ** (-ECHO_MARGIN_DB / 20)))
+        if wanted > self.value * _STEP:
+            self.value = wanted
+            return True
+        return False
