@@ -72,6 +72,7 @@ class FakeARI:
         self.in_stasis: set[str] = set()
         self.bridges: dict[str, list[str]] = {}
         self.playbacks: dict[str, str] = {}
+        self.offsets: dict[str, int] = {}  # playback id -> offsetms it was started with
         self.hold: dict[str, Deferred[Any]] = {}  # request name -> Deferred the test fires later
         self.failures: dict[str, Exception] = {}
         self.peers: dict[str, tuple[str, int]] = {}  # media channel -> its UNICASTRTP_LOCAL address
@@ -139,8 +140,11 @@ class FakeARI:
         self.bridges[bridge_id].extend(channel_ids)
         return self._record("add_channel", bridge_id, list(channel_ids), absorb_dtmf)
 
-    def play(self, channel_id: str, media: str, playback_id: str | None = None, lang: str | None = None) -> Any:
+    def play(self, channel_id: str, media: str, playback_id: str | None = None, lang: str | None = None,
+             offset_ms: int | None = None) -> Any:
         self.playbacks[playback_id or "x"] = media
+        if offset_ms:
+            self.offsets[playback_id or "x"] = offset_ms
         return self._record("play", channel_id, media, playback_id, result={"id": playback_id})
 
     def get_playback(self, playback_id: str) -> Deferred[dict[str, Any]]:

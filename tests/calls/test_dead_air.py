@@ -220,22 +220,66 @@ def talking(rig: Rig, started: bool, duration: int = 0) -> None:
         rig.events.emit(event("ChannelTalkingFinished", channel=channel_json(CALLER, state="Up"), duration=duration))
 
 
-def test_file_mode_barge_in_by_asterisks_talk_detection(tmp_path: Path) -> None:
+def playing(rig: Rig, request: tuple[Any, ...]) -> None:
+    rig.events.emit(event("PlaybackStarted", playback={"id": request[3], "media_uri": request[2],
+                                                       "target_uri": f"channel:{CALLER}", "state": "playing",
+                                                       "language": "en"}))
+
+
+def test_file_mode_talk_pauses_the_reply_and_a_backchannel_lets_it_go_on_from_where_it_stopped(
+        tmp_path: Path) -> None:
     rig = Rig(tmp_path)
     call = rig.answered_call()
     play = next(r for r in rig.ari.requests if r[0] == "play")
+    playing(rig, play)
     assert call.talk_detect and call.state == "speaking"
+    rig.advance(0.5)
     talking(rig, True)
-    rig.advance(0.08)
-    talking(rig, False, 80)  # "mm-hm": Finished comes TALK_SILENCE_MS after the last loud frame
+    assert ("stop_playback", play[3]) in rig.ari.requests, "the file stops at once: the caller's voice comes through"
+    assert call.player.paused and call.state == "speaking" and len(rig.files()) == 1, "the file is kept"
+    rig.speak(80)  # "mm"
+    rig.speak(120, loud=False)
+    talking(rig, False, 80)
+    plays = [r for r in rig.ari.requests if r[0] == "play"]
+    assert len(plays) == 2 and plays[1][2] == play[2], "the same file again"
+    assert abs(rig.ari.offsets[plays[1][3]] - 500) <= 20, "from where the caller stopped hearing it"
+    assert not call.barge_ins and rig.engine.counters["backchannels"] == 1 and call.state == "speaking"
+    rig.playback_done(call)
     rig.advance(0.3)
-    assert call.state == "speaking" and not call.barge_ins and rig.engine.counters["backchannels"] == 1
+    assert call.state == "listening" and rig.files() == []
+    assert call.provider.interruptions == []
+
+
+def test_file_mode_barge_in_judges_the_callers_voice_and_keeps_it_from_the_first_syllable(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    call = rig.answered_call()
+    play = next(r for r in rig.ari.requests if r[0] == "play")
+    playing(rig, play)
+    rig.advance(0.4)
+    talking(rig, True)
+    rig.speak(160)
+    assert len(call.barge_ins) == 1 and call.state == "listening", "the barge-in detector heard the caller"
+    rig.clock.advance(0)
+    assert rig.files() == [], "the paused file is deleted"
+    assert len([r for r in rig.ari.requests if r[0] == "play"]) == 1, "and never played again"
+    heard = call.provider.interruptions[-1][f"{CALLER}-1"]
+    assert abs(heard - 400) <= 20, "the caller heard 400 ms of the greeting"
+    talking(rig, False, 500)
+    rig.speak(300)
+    rig.speak(600, loud=False)
+    assert call.provider.turns[-1] >= 440, "the turn has the caller's voice from the pause on"
+
+
+def test_file_mode_barge_in_by_asterisks_measure_when_no_audio_comes(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    call = rig.answered_call()
+    play = next(r for r in rig.ari.requests if r[0] == "play")
+    playing(rig, play)
     talking(rig, True)
     rig.advance(0.2)
     assert not call.barge_ins, "confirmed at BARGE_IN_MIN_MS + TALK_SILENCE_MS from the onset"
     rig.advance(0.04)
     assert len(call.barge_ins) == 1 and call.state == "listening"
-    assert ("stop_playback", play[3]) in rig.ari.requests
     rig.clock.advance(0)
     assert rig.files() == [], "the playback's file is deleted"
 

@@ -214,3 +214,22 @@ async def test_play_errors(sim: AsteriskSimulator, ari: Ari, events: Events) -> 
     assert (await ari.post(f"/channels/{caller.channel_id}/play", media="sound:x", skipms="-1")).code == 400
     assert (await ari.get("/playbacks/nope")).json() == {"message": "Playback not found"}
     assert (await ari.delete("/playbacks/nope")).code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_offsetms_starts_the_first_item_that_far_in(sim: AsteriskSimulator, ari: Ari, events: Events,
+                                                          tmp_path: Path) -> None:
+    clip = write_clip(tmp_path, "reply", 0.5, freq=500)
+    second = write_clip(tmp_path, "after", 0.1, freq=700)
+    caller = await answered_call(sim, ari, events)
+    await ari.post(f"/channels/{caller.channel_id}/play", media=f"sound:{clip},sound:{second}", offsetms="200")
+    await events.expect("PlaybackStarted")
+    finished = await events.expect("PlaybackFinished")
+    assert finished["playback"]["state"] == "done"
+    segments = caller.heard_segments()
+    lengths = [round(end - start, 2) for start, end, _ in segments]
+    assert lengths == [0.3, 0.1], "the first from 200 ms on, then all of the second"
+    begin = round(segments[0][0] * 8000) * 2
+    whole = ulaw_decode((tmp_path / "reply.ulaw").read_bytes())
+    assert caller.heard()[begin:begin + 4800] == whole[3200:8000]
+    await caller.hangup()

@@ -84,9 +84,11 @@ class IARIClient(Interface):
         """GET /bridges."""
 
     def play(
-        channel_id: str, media: str | Sequence[str], playback_id: str | None = None, lang: str | None = None
+        channel_id: str, media: str | Sequence[str], playback_id: str | None = None, lang: str | None = None,
+        offset_ms: int | None = None,
     ) -> Deferred[dict[str, Any]]:
-        """POST /channels/{id}/play (or /play/{playbackId}): the Playback JSON."""
+        """POST /channels/{id}/play (or /play/{playbackId}): the Playback JSON. ``offset_ms``: start the
+        first item that far in."""
 
     def stop_playback(playback_id: str) -> Deferred[None]:
         """DELETE /playbacks/{id}."""

@@ -160,13 +160,15 @@ class ARIClient:
         return self._void("POST", f"/channels/{_segment(channel_id)}/redirect", {"endpoint": endpoint})
 
     def play(
-        self, channel_id: str, media: str | Sequence[str], playback_id: str | None = None, lang: str | None = None
+        self, channel_id: str, media: str | Sequence[str], playback_id: str | None = None, lang: str | None = None,
+        offset_ms: int | None = None,
     ) -> Deferred[dict[str, Any]]:
         path = f"/channels/{_segment(channel_id)}/play"
         if playback_id is not None:
             path += f"/{_segment(playback_id)}"
         uris = media if isinstance(media, str) else ",".join(media)
-        return self._object("POST", path, {"media": uris, "lang": lang})
+        return self._object("POST", path, {"media": uris, "lang": lang,
+                                           "offsetms": None if offset_ms is None else str(offset_ms)})
 
     def send_dtmf(self, channel_id: str, dtmf: str) -> Deferred[None]:
         return self._void("POST", f"/channels/{_segment(channel_id)}/dtmf", {"dtmf": dtmf})

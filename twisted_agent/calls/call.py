@@ -100,6 +100,8 @@ class Call:
         #: file-mode barge-in: Asterisk's talk detection on the caller channel is on, at this threshold
         self.talk_detect = False
         self.talk_threshold = TalkThreshold()
+        #: the reply was paused for the caller's talk (at this count of inbound frames); None: not paused
+        self._talk_paused_at: int | None = None
         self._talk_setting: Deferred[None] | None = None  # a TALK_DETECT request in flight
         #: why streaming gave up and the call went on with file playback ("" = it did not)
         self.stream_fallback = ""
@@ -414,7 +416,9 @@ class Call:
         if voice and not session.echo.is_caller(self.barge.recent(1) + frame, now):
             voice = False  # the agent's own voice coming back on the line, or line noise
         if self.barge.frame(frame, now, voice):
-            self.engine.count("backchannels")  # too short to interrupt: the agent goes on
+            # too short to interrupt: the agent goes on (from where it paused, in file mode)
+            if not self._resume_after_talk():
+                self.engine.count("backchannels")
         if self.barge.due():
             self._barge_in()
 
@@ -518,6 +522,7 @@ class Call:
         self._cancel_timer("guard")
         self._cancel_timer("reply")
         self._cancel_timer("talk")
+        self._talk_paused_at = None
         if self.state == "thinking":
             # over the filler: no word of the answer was heard, so this is the same turn going on
             self.engine.count("turns_resumed")
@@ -803,22 +808,49 @@ class Call:
     # --- file-mode barge-in: Asterisk's talk detection ------------------------------------------
 
     def talking_started(self) -> None:
+        """Asterisk heard the caller over a file (see calls/talkdetect.py). The file stops at once:
+        Asterisk passes the caller's voice to the media leg only while no file plays, and the new turn
+        must start with their first syllable. The barge-in detector then judges that voice as in stream
+        mode; a backchannel lets the reply go on from where it stopped."""
         if not self.agent_has_floor:
             self._caller_active()
-        if not self.talk_detect or not isinstance(self.player, FilePlayer) or not self.agent_has_floor:
+        player = self.player
+        if not self.talk_detect or not isinstance(player, FilePlayer) or not self.agent_has_floor:
             return
+        if not player.paused:
+            self._talk_paused_at = self._audio_frames
+            player.pause().addErrback(
+                lambda f: self.log.failure("call {call_id}: pausing the reply failed", f, call_id=self.call_id))
         if "talk" not in self._timers:
             confirm = (self.config.calls.barge_in_min_ms + TALK_SILENCE_MS) / 1000
             self._timers["talk"] = self.reactor.callLater(confirm, self._talk_confirmed)
 
     def talking_finished(self, duration_ms: int) -> None:
-        if "talk" in self._timers:
-            self._cancel_timer("talk")
-            self.engine.count("backchannels")  # too short to interrupt: the agent goes on
+        self._cancel_timer("talk")
+        if self._resume_after_talk():
+            self.log.debug("call {call_id}: {ms} ms of talk over the reply: going on", call_id=self.call_id,
+                           ms=duration_ms)
+
+    def _resume_after_talk(self) -> bool:
+        """The talk that paused the file was not an interruption: play on (counted as a backchannel)."""
+        player = self.player
+        if self._talk_paused_at is None or not isinstance(player, FilePlayer) or not player.paused:
+            return False
+        self._talk_paused_at = None
+        self.barge.reset()  # the file suspends the caller again: no frame will end what it was judging
+        self.engine.count("backchannels")
+        player.resume()
+        return True
 
     def _talk_confirmed(self) -> None:
+        """BARGE_IN_MIN_MS of talk by Asterisk's measure. When the caller's audio reached us since the
+        pause, the barge-in detector has judged it (and not found a voice): Asterisk's measure is only
+        for a media leg that carries nothing."""
         self._timers.pop("talk", None)
-        if self.agent_has_floor and self.provider is not None and not self._failing and self._finishing is None:
+        heard_since = self._talk_paused_at is not None and self._audio_frames > self._talk_paused_at
+        if heard_since or self.provider is None or self._failing or self._finishing is not None:
+            return
+        if self.agent_has_floor:
             self._barge_in()
 
     # --- failure -------------------------------------------------------------------------------

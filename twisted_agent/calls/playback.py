@@ -88,10 +88,17 @@ class FilePlayer:
         self.closed = False
         self.files_written = 0
         self.failed = 0
+        #: paused (the caller may be interrupting): what is to play on resume, in order:
+        #: (path, utterance, ms, offset ms already heard)
+        self.paused = False
+        self._held: list[tuple[str, str, int, int]] = []
+        self._resume_wanted = False
+        self._offsets: dict[str, int] = {}  # playback id -> ms of its file skipped (played before a pause)
+        self.pauses = 0
 
     @property
     def idle(self) -> bool:
-        return not self._pending and not self._queued
+        return not self._pending and not self._queued and not self._held
 
     def add(self, pcm: bytes, rate: int, utterance_id: str) -> None:
         if self.closed or not pcm:
@@ -116,23 +123,85 @@ class FilePlayer:
             if self.closed or utterance_id in self._dropped:
                 self._delete(path)
                 return
-            playback_id = f"{FILE_PREFIX}pb-{self.call_id}-{self._token}-{n}"
-            self._queued[playback_id] = (path, utterance_id, len(data) // 8)
             queued = True
-            self._register(playback_id, self)
-            try:
-                await self._ari.play(self.channel_id, f"sound:{stem}", playback_id=playback_id)
-            except ARIError as e:
-                self.failed += 1
-                self._forget(playback_id)
-                if not isinstance(e, ARINotFound):  # 404: the caller is gone; the call ends anyway
-                    self.log.warn("call {call_id}: could not play {path}: {error}", call_id=self.call_id,
-                                  path=path, error=str(e))
+            if self.paused:
+                self._held.append((path, utterance_id, len(data) // 8, 0))
+                return
+            await self._queue_file(path, utterance_id, len(data) // 8)
         finally:
             self._pending -= 1
             if not queued:
                 self._chunk_done(utterance_id)
             self._check_idle()
+
+    async def _queue_file(self, path: str, utterance_id: str, ms: int, offset_ms: int = 0) -> None:
+        playback_id = f"{FILE_PREFIX}pb-{self.call_id}-{self._token}-{next(self._ids)}"
+        self._queued[playback_id] = (path, utterance_id, ms - offset_ms)
+        if offset_ms:
+            self._offsets[playback_id] = offset_ms
+        self._register(playback_id, self)
+        try:
+            await self._ari.play(self.channel_id, f"sound:{os.path.splitext(path)[0]}", playback_id=playback_id,
+                                 offset_ms=offset_ms or None)
+        except ARIError as e:
+            self.failed += 1
+            self._forget(playback_id)
+            if not isinstance(e, ARINotFound):  # 404: the caller is gone; the call ends anyway
+                self.log.warn("call {call_id}: could not play {path}: {error}", call_id=self.call_id,
+                              path=path, error=str(e))
+
+    def pause(self) -> Deferred[None]:
+        """Stop what plays and what is queued, keeping the files to go on exactly where it stopped: the
+        caller may be interrupting (Asterisk gives the agent their voice only while no file plays)."""
+        self._resume_wanted = False
+        if self.paused or self.closed:
+            return succeed(None)
+        self.paused = True
+        self.pauses += 1
+        now = self._reactor.seconds()
+        stopping = []
+        for playback_id, (path, utterance_id, ms) in list(self._queued.items()):  # in the order they play
+            started = self._started.pop(playback_id, None)
+            offset = min(ms, int((now - started) * 1000)) if started is not None else 0
+            if offset:
+                self.heard_ms[utterance_id] = self.heard_ms.get(utterance_id, 0) + offset
+            del self._queued[playback_id]
+            self._unregister(playback_id)  # its PlaybackFinished (state "done") is not the end of it
+            earlier = self._offsets.pop(playback_id, 0)
+            self._held.append((path, utterance_id, ms + earlier, offset + earlier))
+            stopping.append(playback_id)
+        return Deferred.fromCoroutine(self._stop_in_reverse(stopping))
+
+    def resume(self) -> None:
+        """The caller did not interrupt after all: play on from where it stopped."""
+        if not self.paused or self.closed:
+            return
+        self._resume_wanted = True
+        # through the chain: a chunk still being written joins the held ones, in order
+        self._chain.addCallback(lambda _: Deferred.fromCoroutine(self._replay()))
+        self._chain.addErrback(lambda f: self.log.failure("call {call_id}: resuming failed", f, call_id=self.call_id))
+
+    async def _replay(self) -> None:
+        if not self._resume_wanted or self.closed:
+            return
+        self._resume_wanted = False
+        self.paused = False
+        while self._held and not self.paused and not self.closed:
+            path, utterance_id, ms, offset = self._held.pop(0)
+            if offset >= ms - 20:  # it had (all but) played out
+                self._delete(path)
+                self._chunk_done(utterance_id)
+                continue
+            await self._queue_file(path, utterance_id, ms, offset)
+        self._check_idle()
+
+    async def _stop_in_reverse(self, playback_ids: list[str]) -> None:
+        """Stop playbacks last first: stopping the one that plays makes Asterisk start the next at once."""
+        for playback_id in reversed(playback_ids):
+            try:
+                await self._ari.stop_playback(playback_id)
+            except ARIError:
+                pass  # already finished or the channel is gone
 
     def _encode_chunk(self, pcm: bytes, rate: int) -> bytes:
         if rate != 8000:
@@ -161,6 +230,7 @@ class FilePlayer:
     def _forget(self, playback_id: str) -> None:
         entry = self._queued.pop(playback_id, None)
         self._started.pop(playback_id, None)
+        self._offsets.pop(playback_id, None)
         self._unregister(playback_id)
         if entry is not None:
             self._delete(entry[0])
@@ -200,11 +270,14 @@ class FilePlayer:
             started = self._started.get(playback_id)
             if started is not None:
                 heard[utterance_id] = heard.get(utterance_id, 0) + min(ms, int((now - started) * 1000))
-        for playback_id in list(self._queued):
-            try:
-                await self._ari.stop_playback(playback_id)
-            except ARIError:
-                pass  # already finished or the channel is gone
+        held, self._held = self._held, []
+        self.paused = self._resume_wanted = False
+        for path, utterance_id, _, _ in held:  # paused: no playback to stop, only files to delete
+            self._delete(path)
+            self._chunk_done(utterance_id)
+        playing = list(self._queued)
+        await self._stop_in_reverse(playing)
+        for playback_id in playing:
             self._forget(playback_id)
         return heard
 
@@ -215,16 +288,19 @@ class FilePlayer:
     def drop(self, utterance_id: str) -> Deferred[None]:
         """Stop one utterance (queued, playing, or still being written); the others play on."""
         self._dropped.add(utterance_id)
-        stopping = [self._stop_one(playback_id) for playback_id, entry in list(self._queued.items())
-                    if entry[1] == utterance_id]
-        return Deferred.fromCoroutine(_all(stopping))
+        self._held = [entry for entry in self._held if entry[1] != utterance_id or self._discard(entry)]
+        return Deferred.fromCoroutine(self._drop([playback_id for playback_id, entry in self._queued.items()
+                                                  if entry[1] == utterance_id]))
 
-    async def _stop_one(self, playback_id: str) -> None:
-        try:
-            await self._ari.stop_playback(playback_id)
-        except ARIError:
-            pass  # already finished or the channel is gone
-        self._forget(playback_id)
+    def _discard(self, entry: tuple[str, str, int, int]) -> bool:
+        self._delete(entry[0])
+        self._chunk_done(entry[1])
+        return False
+
+    async def _drop(self, playback_ids: list[str]) -> None:
+        await self._stop_in_reverse(playback_ids)
+        for playback_id in playback_ids:
+            self._forget(playback_id)
         self._check_idle()
 
     async def close(self) -> None:
@@ -294,7 +370,3 @@ class StreamPlayer:
             await self.stop()
             self.closed = True
 
-
-async def _all(waits: list[Any]) -> None:
-    for wait in waits:
-        await wait

@@ -4,9 +4,13 @@ While a file plays to a bridged channel, Asterisk suspends the channel from the 
 §6, sim/playback.py): the caller's voice does not reach the media leg, so stream mode's echo-aware
 detector (media/echo.py) cannot hear it. ``TALK_DETECT`` (func_talkdetect.c) still measures the
 channel's inbound audio: ``ChannelTalkingStarted`` when a 20 ms frame's mean magnitude reaches the
-threshold, ``ChannelTalkingFinished`` once it has stayed below for ``SILENCE_MS``. A talk is
-confirmed as a barge-in when no Finished came ``BARGE_IN_MIN_MS + SILENCE_MS`` after its Started
-(so a file-mode barge-in takes ~100 ms longer than a streamed one).
+threshold, ``ChannelTalkingFinished`` once it has stayed below for ``SILENCE_MS``. On Started the
+call pauses its file at once (FilePlayer.pause: the playbacks are stopped, the files kept), so
+Asterisk passes the caller's voice to the media leg again from ~30 ms after its onset, and the
+barge-in detector judges that voice as in stream mode, echo check included; a backchannel resumes
+the file where it stopped (``offsetms``), and the new turn of a real barge-in starts with the
+caller's first syllable. Only when no audio reaches the media leg does Asterisk's own measure
+decide: no Finished within ``BARGE_IN_MIN_MS + SILENCE_MS`` of the Started.
 
 **Echo.** The line returns what the caller hears, 10 dB or more quieter, and talk detection cannot
 tell it from the caller: at Asterisk's default threshold (256, about -42 dBFS) the agent's own echo

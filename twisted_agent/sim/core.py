@@ -381,8 +381,10 @@ class Pbx:
 
     # -- playback ------------------------------------------------------------------------------------------
 
-    def play(self, channel: Channel, media: list[str], playback_id: str | None, language: str | None) -> Playback:
-        playback = Playback(playback_id or self.ids.uuid(), media, channel, language or channel.language)
+    def play(self, channel: Channel, media: list[str], playback_id: str | None, language: str | None,
+             offset_ms: int = 0) -> Playback:
+        playback = Playback(playback_id or self.ids.uuid(), media, channel, language or channel.language,
+                            offset_ms=offset_ms)
         self.playback.register(playback)
         assert channel.control is not None
         channel.control.post(lambda: self.playback.run(playback), self.playback_start_delay())

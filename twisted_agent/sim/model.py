@@ -230,6 +230,8 @@ class Playback:
     cancelled: bool = False
     #: DELETE while playing: playback_stop
     stopped: bool = False
+    #: ``offsetms``: where the first media item starts (ast_seekstream)
+    offset_ms: int = 0
 
     @property
     def media_uri(self) -> str:

@@ -11,10 +11,11 @@ While a file plays to a channel that is in a bridge, Asterisk suspends the chann
 (bridge_channel.c, ``BRIDGE_CHANNEL_ACTION_PLAY_FILE``): the caller hears only the file, and what
 the caller says does not reach the ExternalMedia leg until the file ends.
 
-``sound:/abs/path`` reads ``/abs/path.<ext>``, preferring the channel's own format as Asterisk
-does (``.ulaw`` first on a μ-law channel), then A-law, then 8 kHz signed linear (``.sln``,
-``.raw``) and WAV. A missing file fails at once ("File does not exist"). Other URI schemes are
-skipped with "scheme is unsupported" and, as in Asterisk, publish no final update of their own.
+``offsetms`` starts the first media item that far in (ast_seekstream). ``sound:/abs/path`` reads
+``/abs/path.<ext>``, preferring the channel's own format as Asterisk does (``.ulaw`` first on a
+μ-law channel), then A-law, then 8 kHz signed linear (``.sln``, ``.raw``) and WAV. A missing file
+fails at once ("File does not exist"). Other URI schemes are skipped with "scheme is unsupported"
+and, as in Asterisk, publish no final update of their own.
 """
 
 from __future__ import annotations
@@ -188,6 +189,8 @@ class PlaybackEngine:
             return "failed"
         if channel.hanging_up or playback.stopped:
             return "hangup" if channel.hanging_up else "stopped"
+        if playback.index == 0 and playback.offset_ms:
+            pcm = pcm[playback.offset_ms * SAMPLE_RATE // 1000 * 2:]  # offsetms: the first item starts there
         return await self._stream(playback, pcm)
 
     def _stream(self, playback: Playback, pcm: bytes) -> Deferred[str]:

@@ -180,7 +180,7 @@ class AriRoutes:
             raise AriError(500, "Failed to queue media for playback", "Internal Server Error")
         if playback_id and self.pbx.playback.get(playback_id) is not None:
             raise AriError(500, "Failed to queue media for playback", "Internal Server Error")
-        playback = self.pbx.play(channel, media, playback_id, p.get("lang"))
+        playback = self.pbx.play(channel, media, playback_id, p.get("lang"), offset_ms=p.int("offsetms"))
         return Reply(playback.to_json(), 201, {"Location": f"/ari/playbacks/{playback.id}"})
 
     @route("POST", "/channels/{channelId}/play", params=_PLAY_PARAMS, success=201)

@@ -487,11 +487,14 @@ def test_barge_in_after_the_reply_was_written_truncates_it_to_what_was_heard():
 
 def test_barge_in_while_the_reply_is_still_being_written_keeps_the_heard_part():
     provider, sink, stt, llm, tts, _ = make(["Yes.", " We", " open", " at nine", " and"], FIRST_PIECE_WORDS="0")
-    provider.end_of_turn()
+    turn = provider.end_of_turn()
     llm.stream(2)
     assert sink.audio() == ["Yes."]
     provider.interrupt({"c1-1": 10_000})  # all of "Yes." was heard; the rest was never spoken
     assert llm.cancelled
+    failures: list[Any] = []
+    turn.addErrback(failures.append)
+    assert failures and failures[0].check(CancelledError), "the engine's turn Deferred fails with the cancellation"
     assert [(t.role, t.content) for t in provider.history.turns] == [
         ("user", "What are your opening hours?"), ("assistant", "Yes.")]
 
