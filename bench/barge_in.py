@@ -12,7 +12,11 @@ backwards, repeated to the length of each reply), not a tone, so the echo check 
   over a line that returns (a) its echo: 40 ms late, band-limited 300-3400 Hz, -10 dB; (b) white
   noise at -40 dBFS; (c) both. Barge-ins per minute. Target: none.
 
-    .venv/bin/python bench/barge_in.py [--interruptions 50] [--minutes 1]
+``--verbose`` adds, per false-barge-in run, the echo check's counts (frames judged echo, too quiet
+or the caller's, the learnt echo delay, silence put in for pauses and taken out as stalls), the
+send lateness, and for each false barge-in the echo check's figures for the frames before it.
+
+    .venv/bin/python bench/barge_in.py [--interruptions 50] [--minutes 1] [--verbose]
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ import numpy as np  # noqa: E402
 from twisted.internet import task  # noqa: E402
 from twisted.internet.defer import Deferred  # noqa: E402
 
+from twisted_agent.calls.call import Call  # noqa: E402
 from twisted_agent.config import load_config  # noqa: E402
 from twisted_agent.demo import APP, free_port, question_clip, sleep, until  # noqa: E402
+from twisted_agent.media.echo import Judgement  # noqa: E402
 from twisted_agent.providers.echo import EchoFactory, EchoProvider  # noqa: E402
 from twisted_agent.providers.voices import ToneVoice  # noqa: E402
 from twisted_agent.service import AgentService  # noqa: E402
@@ -124,7 +130,38 @@ async def latency(reactor: Any, count: int) -> list[float]:
     return results
 
 
-async def false_barge_ins(reactor: Any, minutes: float, echo: bool, noise: bool) -> tuple[int, float]:
+class EchoWatch:
+    """``--verbose``: what the echo check said about the frames before each barge-in."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.started = 0.0
+        self.before: list[tuple[float, list[Judgement]]] = []
+
+    def poll(self) -> None:
+        barge_ins, history = self.call.barge_ins, self.call.session.echo.history
+        while len(self.before) < len(barge_ins):
+            at = barge_ins[len(self.before)]
+            self.before.append((at, [j for j in history if j.at <= at + 1e-6][-8:]))
+
+    def report(self) -> None:
+        echo, lateness = self.call.session.echo, self.call.session.lateness.summary()
+        delay = f"{echo.delay * 1000 / 8000:.0f} ms" if echo.delay is not None else "not learnt"
+        callers = echo.judged - echo.echoes - echo.too_quiet
+        print(f"  echo check: {echo.judged} voiced frames judged, {echo.echoes} echo, {echo.too_quiet} too quiet, "
+              f"{callers} the caller's; echo delay {delay}; {echo.silence_frames} frames of silence put in, "
+              f"{echo.stall_frames} taken out (stalls); send lateness p50 {lateness['p50_ms']} ms, "
+              f"p99 {lateness['p99_ms']} ms, max {lateness['max_ms']} ms")
+        for at, judged in self.before:
+            print(f"  barge-in {at - self.started:.2f} s into the reply; the frames before it "
+                  f"(ms before, rho, delay ms, residual dBFS, ms past the reference's end, caller):")
+            for j in judged:
+                print(f"    {(j.at - at) * 1000:6.0f} {j.rho:6.3f} {j.delay_ms:6.1f} {j.residual_dbfs:6.1f} "
+                      f"{j.offset_ms:6.1f}  {'caller' if j.caller else '-'}")
+
+
+async def false_barge_ins(reactor: Any, minutes: float, echo: bool, noise: bool,
+                          verbose: bool = False) -> tuple[int, float, EchoWatch | None]:
     words = int(minutes * 60 * 1000 / 160) + 1  # the tone voice: 160 ms a word
     sim, service, media_dir = await start(reactor, " ".join(["bread"] * words))
     try:
@@ -133,18 +170,24 @@ async def false_barge_ins(reactor: Any, minutes: float, echo: bool, noise: bool)
         await caller.answered
         await until(reactor, lambda: caller.first_heard_at() is not None, 10, "the greeting")
         call = service.engine.calls[caller.channel_id]
+        watch = EchoWatch(call) if verbose else None
         started = reactor.seconds()
-        await until(reactor, lambda: call.state != "speaking" or reactor.seconds() - started > minutes * 60,
-                    minutes * 60 + 30, "the agent to finish")
+        while call.state == "speaking" and reactor.seconds() - started <= minutes * 60:
+            if watch is not None:
+                watch.poll()
+            await sleep(reactor, 0.01)
         spoke = reactor.seconds() - started
         count = len(call.barge_ins)
+        if watch is not None:
+            watch.poll()
+            watch.started = started
         await caller.hangup()
     finally:
         await stop(sim, service, media_dir)
-    return count, spoke
+    return count, spoke, watch
 
 
-async def main(reactor: Any, interruptions: int, minutes: float) -> None:
+async def main(reactor: Any, interruptions: int, minutes: float, verbose: bool) -> None:
     values = await latency(reactor, interruptions)
     print(f"barge-in: caller's first voiced audio on the wire -> last agent frame on the wire, "
           f"{len(values)} interruptions (stream mode, RTP, BARGE_IN_MIN_MS=120)")
@@ -152,14 +195,18 @@ async def main(reactor: Any, interruptions: int, minutes: float) -> None:
           f"max {max(values):.0f} ms")
     for label, echo, noise in (("echo 40 ms, 300-3400 Hz, -10 dB", True, False),
                                ("white noise -40 dBFS", False, True), ("echo and noise", True, True)):
-        count, spoke = await false_barge_ins(reactor, minutes, echo, noise)
+        count, spoke, watch = await false_barge_ins(reactor, minutes, echo, noise, verbose)
         print(f"false barge-ins, {label}: {count} in {spoke:.0f} s of agent speech "
               f"({count / (spoke / 60):.1f} per minute)")
+        if watch is not None:
+            watch.report()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--interruptions", type=int, default=50)
     parser.add_argument("--minutes", type=float, default=1.0)
+    parser.add_argument("--verbose", action="store_true",
+                        help="the echo check's figures for each false-barge-in run and before each false barge-in")
     args = parser.parse_args()
-    task.react(lambda reactor: Deferred.fromCoroutine(main(reactor, args.interruptions, args.minutes)))
+    task.react(lambda reactor: Deferred.fromCoroutine(main(reactor, args.interruptions, args.minutes, args.verbose)))

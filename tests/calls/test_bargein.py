@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from tests.media.test_echo import CLIP, over_a_line
 from twisted_agent.calls.bargein import BargeInDetector
 
 
@@ -47,3 +49,38 @@ def test_keeps_a_bounded_history_and_checks_its_settings() -> None:
     assert len(BargeInDetector(min_ms=20).recent(3)) == 0
     with pytest.raises(ValueError):
         BargeInDetector(min_ms=-1)
+
+
+def barge_ins(judged: list[tuple[float, bool, bool]]) -> list[float]:
+    """Feed the echo check's verdicts to a detector as the call does; when each barge-in fell due."""
+    detector, due = BargeInDetector(min_ms=120), []
+    for at, _, caller_voice in judged:
+        detector.frame(b"", at, caller_voice)
+        if detector.due():
+            due.append(at)
+            detector.reset()
+    return due
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_agents_echo_never_interrupts_it_whatever_the_senders_jitter(seed: int) -> None:
+    """The bench's false barge-in: the pacer stamps frames a millisecond or two late, and the echo
+    check used to take that for gaps in the agent's audio, so a fifth of the echo frames looked like
+    the caller and now and then six of eight did (seed 0)."""
+    agent = np.tile(CLIP[::-1], 8)  # the bench's voice: the clip backwards, 25 s
+    assert barge_ins(over_a_line(agent, jitter_ms=2.0, seed=seed)) == []
+
+
+def test_the_caller_talking_over_the_echo_still_interrupts_soon() -> None:
+    agent = np.tile(CLIP[::-1], 4)
+    phrase = CLIP[2080:2080 + 4480].astype(np.float64)  # the bench's interruption: 0.56 s from the first syllable
+    onsets = [2.0, 4.3, 7.1, 9.7]
+    caller = np.zeros(len(agent) + 8000)
+    for onset in onsets:
+        caller[round(onset * 8000):round(onset * 8000) + len(phrase)] = phrase
+    due = barge_ins(over_a_line(agent, jitter_ms=2.0, caller=caller))
+    assert all(any(0 < at - onset < 0.7 for onset in onsets) for at in due), "only the caller interrupts"
+    for onset in onsets:
+        first = min(at for at in due if at > onset)
+        # the phone sends the onset's frame ~27 ms after it; six frames of voice: 120 ms and a frame or two
+        assert first - onset <= 0.2, (onset, first)
