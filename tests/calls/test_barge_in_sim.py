@@ -58,7 +58,7 @@ async def test_caller_talks_over_the_agent_the_agent_stops_and_answers_the_new_q
     await stack.all_released()
 
 
-@pytest.mark.parametrize("idle", ["silence_frames"])
+@pytest.mark.parametrize("idle", ["silent", "silence_frames"])
 @pytest.mark.parametrize(("sound", "env"), [
     (QUESTION[13 * FRAME: 18 * FRAME], {}),  # a 100 ms "mm", under the default BARGE_IN_MIN_MS of 120
     (HELLO[12 * FRAME:], {"BARGE_IN_MIN_MS": "600"}),  # a 400 ms "hello?" where the minimum is 600 ms

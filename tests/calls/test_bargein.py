@@ -84,3 +84,18 @@ def test_the_caller_talking_over_the_echo_still_interrupts_soon() -> None:
         first = min(at for at in due if at > onset)
         # the phone sends the onset's frame ~27 ms after it; six frames of voice: 120 ms and a frame or two
         assert first - onset <= 0.2, (onset, first)
+
+
+def test_when_no_frame_comes_the_clock_ends_a_backchannel_and_it_never_adds_up_with_later_speech() -> None:
+    detector = BargeInDetector(min_ms=120, gap_ms=100)
+    feed(detector, [True, True, True, True, True])  # "mm-hm", then Asterisk sends nothing (a Local channel)
+    assert detector.armed and not detector.expire(10.15), "not yet: 100 ms after the last voiced frame"
+    assert detector.expire(10.2) and not detector.armed and detector.backchannels == 1
+    late = BargeInDetector(min_ms=120, gap_ms=100)
+    feed(late, [True, True, True, True, True])
+    # two seconds later the caller speaks: without the gap the old five frames and one new one made six
+    assert late.frame(b"\x01" * 320, 12.0, True), "the first frame after the gap ends the old backchannel"
+    assert not late.due(), "the new speech starts afresh"
+    for n in range(1, 6):
+        late.frame(bytes([n]) * 320, 12.0 + 0.02 * n, True)
+    assert late.due() and len(late.take()) == 6, "six frames of the new speech, none of the old"

@@ -6,8 +6,11 @@ not the agent's own echo (media/echo.py). The first such frame is the onset; the
 due when the caller is voicing and ``min_ms`` of the caller's voice fall within the last
 ``min_ms`` + 40 ms (6 of the last 8 frames at 120 ms): dense, as speech is. Frames the echo check
 gets wrong are sparse and do not add up to that, however long the agent talks. Speech that stops
-sooner ("mm-hm", "yes", a cough) is a backchannel: counted, and the agent goes on. The frames
-since the onset are kept, so the caller's new turn starts with its first syllable.
+sooner (a cough, a short "mm") is a backchannel: counted, and the agent goes on. The end of a
+backchannel is seen on the next frame, or from the clock (:meth:`expire`) when none comes:
+Asterisk sends nothing while a Local channel is silent, and nothing while a file plays to the
+caller; speech after such a gap never adds up with what came before it. The frames since the onset
+are kept, so the caller's new turn starts with its first syllable.
 
 Plain logic with times passed in; the call owns the reactor and the VAD.
 """
@@ -39,13 +42,24 @@ class BargeInDetector:
     def frame(self, pcm: bytes, now: float, caller_voice: bool) -> bool:
         """An inbound frame that arrived at ``now`` (the end of its 20 ms); ``caller_voice``: the
         caller's voice is in it. True when it ends a backchannel (speech too short to interrupt)."""
+        ended = False
+        if self._frames and now - self._frames[-1][0] >= self.gap_s + FRAME_MS / 1000 - 1e-6:
+            # nothing came for a while (Asterisk sends nothing while a Local channel is silent, or
+            # while a file plays): what was before is over, and does not add up with what comes now
+            ended = self.expire(now)
+            self._recent.clear()
         self._frames.append((now, pcm))
         self._recent.append(caller_voice)
         if caller_voice:
             if self.onset is None:
                 self.onset = now - FRAME_MS / 1000
             self._last_voiced = now
-            return False
+            return ended
+        return self.expire(now) or ended
+
+    def expire(self, now: float) -> bool:
+        """The caller's voice has stopped by ``now`` (from the clock, when no frame comes to say so):
+        True when that ends a backchannel."""
         if self.onset is not None and now - self._last_voiced >= self.gap_s - 1e-6:
             self.onset = None
             self.backchannels += 1

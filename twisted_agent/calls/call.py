@@ -416,11 +416,15 @@ class Call:
         if voice and not session.echo.is_caller(self.barge.recent(1) + frame, now):
             voice = False  # the agent's own voice coming back on the line, or line noise
         if self.barge.frame(frame, now, voice):
-            # too short to interrupt: the agent goes on (from where it paused, in file mode)
-            if not self._resume_after_talk():
-                self.engine.count("backchannels")
+            self._backchannel()
         if self.barge.due():
             self._barge_in()
+
+    def _backchannel(self) -> None:
+        """The caller's voice over the agent stopped too soon to interrupt: the agent goes on (from
+        where it paused, in file mode)."""
+        if not self._resume_after_talk():
+            self.engine.count("backchannels")
 
     def speech_started(self) -> None:
         provider = self.provider
@@ -440,6 +444,8 @@ class Call:
         provider = self.provider
         if provider is None or self._failing:
             return
+        if self.barge.expire(self.reactor.seconds()):  # no frame came to end it (a silent Local channel)
+            self._backchannel()
         if not provider.wants_turn_taking:
             provider.speech_ended()
         elif self.state == "listening" and not self.gated:
@@ -730,6 +736,8 @@ class Call:
     def _guard_over(self) -> None:
         self._timers.pop("guard", None)
         self.reply_done()
+        if self.barge.expire(self.reactor.seconds()):
+            self._backchannel()
         if self.barge.armed and self.provider is not None and not self._failing:
             # the caller started speaking just as the agent finished: their turn, from its onset
             frames = self.barge.take()
