@@ -1,16 +1,20 @@
 """Barge-in: how fast the agent stops when the caller talks over it, and how often it stops for nothing.
 
-The real engine (stream mode, RTP) against the built-in Asterisk simulator, with the echo provider
-so the barge-in path alone is measured; the agent speaks with a real voice (the bundled Piper clip
-backwards, repeated to the length of each reply), not a tone, so the echo check sees speech.
+The real engine (RTP) against the built-in Asterisk simulator, in stream mode and in file mode,
+with the echo provider so the barge-in path alone is measured; the agent speaks with a real voice
+(the bundled Piper clip backwards, repeated to the length of each reply), not a tone, so the echo
+check sees speech.
 
 * **Latency**: ``--interruptions`` times (default 50) the caller starts talking over the agent
   at a random point of its reply (the first 0.8 s of the bundled question); measured from the
-  moment the caller's phone sends its first voiced frame to the moment the engine sends its last
-  agent frame (both on loopback: sent is received), p50/p95. Target: p95 <= 150 ms.
+  moment the caller's phone sends its first voiced frame to the moment the agent's audio stops on
+  the wire (stream mode: the engine sends its last agent frame; file mode: the simulated Asterisk
+  stops the playback, which the engine pauses at ChannelTalkingStarted), p50/p95. Target: p95 <=
+  150 ms.
 * **False barge-ins**: the agent talks for ``--minutes`` (default 1) to a caller who says nothing,
   over a line that returns (a) its echo: 40 ms late, band-limited 300-3400 Hz, -10 dB; (b) white
-  noise at -40 dBFS; (c) both. Barge-ins per minute. Target: none.
+  noise at -40 dBFS; (c) both. Barge-ins per minute (file mode: and the pauses talk detection
+  caused). Target: none.
 
 ``--verbose`` adds, per false-barge-in run, the echo check's counts (frames judged echo, too quiet
 or the caller's, the learnt echo delay, silence put in for pauses and taken out as stalls), the
@@ -28,6 +32,7 @@ import socket
 import statistics
 import sys
 import tempfile
+from datetime import datetime
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -76,7 +81,7 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
 
 
-async def start(reactor: Any, greeting: str) -> tuple[AsteriskSimulator, AgentService, str]:
+async def start(reactor: Any, greeting: str, mode: str = "stream") -> tuple[AsteriskSimulator, AgentService, str]:
     media_dir = tempfile.mkdtemp(prefix="ai-agent-bench-")
     sim = AsteriskSimulator(reactor, username="ai-agent", password="bench")
     await sim.start()
@@ -85,7 +90,7 @@ async def start(reactor: Any, greeting: str) -> tuple[AsteriskSimulator, AgentSe
         "RTP_HOST": "127.0.0.1", "RTP_PORT": str(free_port(socket.SOCK_DGRAM)), "RTP_ADVERTISE_HOST": "127.0.0.1",
         "AUDIOSOCKET_HOST": "127.0.0.1", "AUDIOSOCKET_PORT": str(free_port()), "HEALTH_HOST": "127.0.0.1",
         "HEALTH_PORT": str(free_port()), "MEDIA_DIR": media_dir, "AI_PROVIDER": "echo", "NO_AUDIO_SECONDS": "0",
-        "DOWNSTREAM_MODE": "stream", "DRAIN_TIMEOUT": "1", "CONTEXT_DEFAULT_GREETING": greeting,
+        "DOWNSTREAM_MODE": mode, "DRAIN_TIMEOUT": "1", "CONTEXT_DEFAULT_GREETING": greeting,
     })
     service = AgentService(config, reactor)
     service.providers.factories["echo"] = SpeechEchoFactory(reactor)
@@ -103,9 +108,19 @@ async def stop(sim: AsteriskSimulator, service: AgentService, media_dir: str) ->
     os.rmdir(media_dir)
 
 
-async def latency(reactor: Any, count: int) -> list[float]:
+def playback_stopped_at(sim: AsteriskSimulator, since: float) -> float | None:
+    """When the first playback that ended after ``since`` ended (the simulator's event time)."""
+    for event in sim.events_sent():
+        if event["type"] == "PlaybackFinished":
+            at = datetime.strptime(event["timestamp"], "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+            if at >= since:
+                return at
+    return None
+
+
+async def latency(reactor: Any, count: int, mode: str = "stream") -> list[float]:
     sim, service, media_dir = await start(reactor, "Hello, thank you for calling the bakery on the corner, "
-                                                   "how can we help you today?")
+                                                   "how can we help you today?", mode)
     rng = random.Random(7)
     results: list[float] = []
     try:
@@ -121,8 +136,12 @@ async def latency(reactor: Any, count: int) -> list[float]:
             onset = reactor.seconds() + LEAD_S
             await caller.say(interruption)
             await until(reactor, lambda n=wanted: len(call.barge_ins) >= n, 5, "the barge-in")
-            last_sent = call.session.last_sent_at
-            assert last_sent is not None and last_sent <= call.barge_ins[-1] + 0.001
+            if mode == "stream":
+                last_sent = call.session.last_sent_at
+                assert last_sent is not None and last_sent <= call.barge_ins[-1] + 0.001
+            else:  # the file stopped playing (paused at the caller's first syllable, then deleted)
+                last_sent = playback_stopped_at(sim, onset - 0.5)
+                assert last_sent is not None and last_sent <= call.barge_ins[-1] + 0.001
             results.append((last_sent - onset) * 1000)
         await caller.hangup()
     finally:
@@ -160,17 +179,17 @@ class EchoWatch:
                       f"{j.offset_ms:6.1f}  {'caller' if j.caller else '-'}")
 
 
-async def false_barge_ins(reactor: Any, minutes: float, echo: bool, noise: bool,
-                          verbose: bool = False) -> tuple[int, float, EchoWatch | None]:
+async def false_barge_ins(reactor: Any, minutes: float, echo: bool, noise: bool, verbose: bool = False,
+                          mode: str = "stream") -> tuple[int, float, EchoWatch | None, int]:
     words = int(minutes * 60 * 1000 / 160) + 1  # the tone voice: 160 ms a word
-    sim, service, media_dir = await start(reactor, " ".join(["bread"] * words))
+    sim, service, media_dir = await start(reactor, " ".join(["bread"] * words), mode)
     try:
         caller = sim.originate(APP)
         caller.line(echo=LineEcho(40, -10) if echo else None, noise=LineNoise(-40) if noise else None)
         await caller.answered
         await until(reactor, lambda: caller.first_heard_at() is not None, 10, "the greeting")
         call = service.engine.calls[caller.channel_id]
-        watch = EchoWatch(call) if verbose else None
+        watch = EchoWatch(call) if verbose and mode == "stream" else None
         started = reactor.seconds()
         while call.state == "speaking" and reactor.seconds() - started <= minutes * 60:
             if watch is not None:
@@ -178,28 +197,32 @@ async def false_barge_ins(reactor: Any, minutes: float, echo: bool, noise: bool,
             await sleep(reactor, 0.01)
         spoke = reactor.seconds() - started
         count = len(call.barge_ins)
+        pauses = getattr(call.player, "pauses", 0)  # file mode: talk detection paused the reply
         if watch is not None:
             watch.poll()
             watch.started = started
         await caller.hangup()
     finally:
         await stop(sim, service, media_dir)
-    return count, spoke, watch
+    return count, spoke, watch, pauses
 
 
 async def main(reactor: Any, interruptions: int, minutes: float, verbose: bool) -> None:
-    values = await latency(reactor, interruptions)
-    print(f"barge-in: caller's first voiced audio on the wire -> last agent frame on the wire, "
-          f"{len(values)} interruptions (stream mode, RTP, BARGE_IN_MIN_MS=120)")
-    print(f"  p50 {statistics.median(values):.0f} ms, p95 {percentile(values, 0.95):.0f} ms, "
-          f"max {max(values):.0f} ms")
-    for label, echo, noise in (("echo 40 ms, 300-3400 Hz, -10 dB", True, False),
-                               ("white noise -40 dBFS", False, True), ("echo and noise", True, True)):
-        count, spoke, watch = await false_barge_ins(reactor, minutes, echo, noise, verbose)
-        print(f"false barge-ins, {label}: {count} in {spoke:.0f} s of agent speech "
-              f"({count / (spoke / 60):.1f} per minute)")
-        if watch is not None:
-            watch.report()
+    for mode, how in (("stream", "stream mode, RTP"), ("file", "file mode, RTP, TALK_DETECT")):
+        values = await latency(reactor, interruptions, mode)
+        print(f"barge-in: caller's first voiced audio on the wire -> last agent frame on the wire, "
+              f"{len(values)} interruptions ({how}, BARGE_IN_MIN_MS=120)")
+        print(f"  p50 {statistics.median(values):.0f} ms, p95 {percentile(values, 0.95):.0f} ms, "
+              f"max {max(values):.0f} ms")
+    for mode in ("stream", "file"):
+        for label, echo, noise in (("echo 40 ms, 300-3400 Hz, -10 dB", True, False),
+                                   ("white noise -40 dBFS", False, True), ("echo and noise", True, True)):
+            count, spoke, watch, pauses = await false_barge_ins(reactor, minutes, echo, noise, verbose, mode)
+            paused = f", {pauses} pauses" if mode == "file" else ""
+            print(f"false barge-ins ({mode} mode), {label}: {count} in {spoke:.0f} s of agent speech "
+                  f"({count / (spoke / 60):.1f} per minute){paused}")
+            if watch is not None:
+                watch.report()
 
 
 if __name__ == "__main__":

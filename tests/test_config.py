@@ -85,7 +85,8 @@ def test_every_setting_is_overridable_from_the_environment(tmp_path):
         "OPENAI_COMPATIBLE_URL": "http://10.0.0.7:8000/v1", "EMBEDDED_MODEL": "smollm2-135m",
         "LLM_MAX_TOKENS": "40", "LLM_TEMPERATURE": "0.7", "HISTORY_TURNS": "4", "TTS_BACKEND": "espeak",
         "LOCAL_MAX_QUEUE": "3", "REPLY_CACHE": "true", "DEEPGRAM_API_KEY": "dg", "STT_WINDOW": "30",
-        "FIRST_PIECE_WORDS": "0", "SPECULATE": "no", "FILLER_MS": "900", "FILLER": "tone", "RINGBACK": "yes",
+        "FIRST_PIECE_WORDS": "0", "SPECULATE": "no", "FILLER_MS": "900", "BARGE_IN_DUCK_DB": "6",
+        "FILLER": "tone", "RINGBACK": "yes",
         "INACTIVITY_PROMPT_SECONDS": "20", "INACTIVITY_HANGUP_SECONDS": "10", "STREAM_STALL_MS": "500",
         "OPENAI_API_KEY": "oa", "OPENAI_REALTIME_MODEL": "m", "LOG_FORMAT": "json", "LOG_LEVEL": "debug",
     }

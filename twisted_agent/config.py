@@ -163,6 +163,10 @@ class CallsConfig:
     barge_in_min_ms: int = setting(
         "BARGE_IN_MIN_MS", 120, s.integer(20, 3000),
         "caller speech (from its onset) needed to interrupt the agent; shorter backchannels do not")
+    barge_in_duck_db: float = setting(
+        "BARGE_IN_DUCK_DB", 12.0, s.number(0, 60),
+        "stream mode: the agent's audio drops this much from the caller's first syllable until the barge-in is "
+        "confirmed or the caller stops (0 = no ducking)")
     gate_guard_ms: int = setting(
         "GATE_GUARD_MS", 200, s.integer(0, 3000),
         "after the agent's last audio, how long caller audio is still not taken as a new turn (line echo, tails)")

@@ -7,6 +7,8 @@ import errno
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
 from twisted.internet.defer import Deferred, succeed
 
 from tests.calls.fakes import channel_json, event
@@ -334,7 +336,7 @@ def test_a_long_wait_goes_on_with_soft_pips_after_the_filler_until_the_answer(tm
 
 
 def test_a_barge_in_reports_only_the_utterance_it_cut_off(tmp_path: Path) -> None:
-    rig, call = stream_rig(tmp_path)
+    rig, call = stream_rig(tmp_path, BARGE_IN_DUCK_DB="0")  # the frames on the wire as they were made
     greeting_id = f"{CALLER}-1"
     before = len(rig.udp.written)
     quiet_caller_turn(rig)
@@ -364,3 +366,36 @@ def test_a_sentence_with_a_pause_is_one_caller_turn_in_the_transcript(tmp_path: 
         "What time do you open on Sundays?"]
     call.transcript("Thanks.", True)
     assert [text for speaker, text in call.conversation if speaker == "caller"][-1] == "Thanks.", "a new turn"
+
+
+def test_stream_mode_ducks_the_agent_from_the_callers_first_syllable_and_a_backchannel_lifts_it(
+        tmp_path: Path) -> None:
+    rig = Rig(tmp_path, DOWNSTREAM_MODE="stream", CONTEXT_DEFAULT_GREETING="Hello and welcome to the bakery, "
+                                                                           "how can we help you today?")
+    call = rig.answered_call()
+    rig.advance(0.4)
+    rig.speak(60)  # "mm": three frames of voice, under BARGE_IN_MIN_MS
+    assert call.session.gain == pytest.approx(10 ** (-12 / 20)), "ducked 12 dB at once"
+    rig.speak(160, loud=False)
+    assert call.session.gain == 1.0 and not call.barge_ins, "a backchannel: full level again, no interruption"
+    rig.advance(4)
+    voice = call.provider.voice.render(call.context.greeting)
+    greeting = frames_of(voice)
+    sent = payloads(rig)
+    sent = sent[sent.index(greeting[0]):]
+    expected = greeting
+    assert len(sent) == len(greeting), "nothing dropped, nothing added"
+    ducked = [n for n, (got, want) in enumerate(zip(sent, expected, strict=True)) if got != want]
+    assert ducked and ducked[-1] - ducked[0] < 10, "one short stretch"
+    for n in range(ducked[0], ducked[-1] + 1):  # (silence between the tone voice's words stays silence)
+        pcm = np.frombuffer(voice[n * 320:(n + 1) * 320].ljust(320, b"\x00"), dtype="<i2")
+        assert sent[n] == ulaw_encode((pcm * 10 ** (-12 / 20)).astype("<i2").tobytes()), "12 dB down"
+    assert rig.engine.counters["ducks"] == 1 and rig.engine.counters["backchannels"] == 1
+
+
+def test_ducking_can_be_switched_off(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, DOWNSTREAM_MODE="stream", BARGE_IN_DUCK_DB="0")
+    call = rig.answered_call()
+    rig.advance(0.3)
+    rig.speak(60)
+    assert call.session.gain == 1.0 and rig.engine.counters["ducks"] == 0

@@ -84,6 +84,7 @@ class Call:
         self._turn_marks: dict[str, float] = {}
         self.turns = TurnTaker(self.reactor, self.config.calls.turn_end_ms / 1000, self._turn_over)
         self.barge = BargeInDetector(self.config.calls.barge_in_min_ms)
+        self._duck_gain = 10 ** (-self.config.calls.barge_in_duck_db / 20)
         #: utterances cut off by a barge-in: late audio of theirs is not played
         self._interrupted: set[str] = set()
         #: reactor times of barge-ins (the agent's audio was stopped then)
@@ -419,10 +420,25 @@ class Call:
             self._backchannel()
         if self.barge.due():
             self._barge_in()
+        else:
+            self._duck(self.barge.armed)
+
+    def _duck(self, duck: bool) -> None:
+        """Stream mode: the caller may be interrupting: the agent's voice drops at once (and comes
+        back if it was only a backchannel)."""
+        session = self.session
+        if session is None:
+            return
+        gain = self._duck_gain if duck and isinstance(self.player, StreamPlayer) else 1.0
+        if session.gain != gain:
+            session.gain = gain
+            if duck:
+                self.engine.count("ducks")
 
     def _backchannel(self) -> None:
         """The caller's voice over the agent stopped too soon to interrupt: the agent goes on (from
         where it paused, in file mode)."""
+        self._duck(False)
         if not self._resume_after_talk():
             self.engine.count("backchannels")
 
@@ -529,6 +545,7 @@ class Call:
         self._cancel_timer("reply")
         self._cancel_timer("talk")
         self._talk_paused_at = None
+        self._duck(False)
         if self.state == "thinking":
             # over the filler: no word of the answer was heard, so this is the same turn going on
             self.engine.count("turns_resumed")
@@ -738,6 +755,7 @@ class Call:
         self.reply_done()
         if self.barge.expire(self.reactor.seconds()):
             self._backchannel()
+        self._duck(False)
         if self.barge.armed and self.provider is not None and not self._failing:
             # the caller started speaking just as the agent finished: their turn, from its onset
             frames = self.barge.take()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -59,6 +60,8 @@ class MediaSession:
         self.send_failures = 0
         self._stalled_since: float | None = None
         self.stalled = False
+        #: the outbound audio's gain (below 1 while ducked: the caller may be interrupting)
+        self.gain = 1.0
         pacer.add(self)
 
     # --- the call engine's side -------------------------------------------------------------
@@ -149,10 +152,11 @@ class MediaSession:
             item = self.outbound.next_frame()
             assert item is not None
             frame, utterance_id, finished_ms = item
-            if self._send_frame(frame, not self._talking, index):
+            out = frame if self.gain == 1.0 else _scaled(frame, self.gain)
+            if self._send_frame(out, not self._talking, index):
                 self._stalled_since = None
                 self.last_sent_at = now
-                self.echo.sent(frame, now)
+                self.echo.sent(out, now)
                 self._talking = True
                 self.frames_out += 1
                 # measured after the write: a frame late in a tick's burst counts as late as it was
@@ -198,3 +202,7 @@ class MediaSession:
         # One failing consumer must not stop the media of every other call sharing the pacer.
         self.consumer_errors += 1
         self.log.failure("media consumer of call {call_id} failed in {event}", call_id=self.call_id, event=event)
+
+
+def _scaled(frame: bytes, gain: float) -> bytes:
+    return (np.frombuffer(frame, dtype="<i2") * gain).astype("<i2").tobytes()
