@@ -57,3 +57,22 @@ def test_the_agents_echo_stays_under_it_and_a_caller_as_loud_as_the_agent_clears
                 run, gap = 0, 0
     runs.append(run)
     assert max(runs) * 20 >= 120, "long enough to be confirmed at BARGE_IN_MIN_MS"
+
+
+def test_the_lines_noise_is_added_so_echo_and_noise_together_stay_under_it():
+    from twisted_agent.sim.line import LineNoise
+
+    agent = QUESTION  # loud speech: its echo part is held at the ceiling
+    threshold = TalkThreshold()
+    threshold.played(agent, 8000)
+    assert threshold.value == CEILING
+    noise = LineNoise(dbfs=-40, seed=3)
+    raised = [threshold.heard_line(np.clip(noise.take(160), -32768, 32767).astype("<i2").tobytes())
+              for _ in range(100)]  # two seconds of the caller's line while it is their turn
+    assert any(raised) and CEILING + 400 < threshold.value < CEILING + 700, "about twice the noise's magnitude"
+    echo = LineEcho(delay_ms=40, gain_db=-10)
+    echo.heard(agent, 0.0)
+    line = echo.take(0.0, len(agent) // 2 + 400) + noise.take(len(agent) // 2 + 400)
+    returned = np.clip(line, -32768, 32767).astype("<i2").tobytes()
+    assert frame_magnitudes(returned).max() < threshold.value, "the echo over the noise never starts a talk"
+    assert (frame_magnitudes(QUESTION) >= threshold.value).sum() >= 10, "the caller still does"

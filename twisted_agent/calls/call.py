@@ -27,6 +27,7 @@ from twisted_agent.calls.registry import ICallHandle
 from twisted_agent.calls.talkdetect import SILENCE_MS as TALK_SILENCE_MS
 from twisted_agent.calls.talkdetect import TalkThreshold
 from twisted_agent.calls.turns import TurnTaker
+from twisted_agent.calls.watchdog import InactivityWatchdog
 from twisted_agent.media.interfaces import IMediaConsumer
 from twisted_agent.media.rtp_endpoint import PeerNotAllowed
 from twisted_agent.providers.base import ICallInfo, IProviderEvents, ProviderError, ToolResult
@@ -96,8 +97,10 @@ class Call:
         self._comfort_until = 0.0
         #: reactor times the filler started playing, one per slow turn
         self.fillers: list[float] = []
-        #: 0: waiting for the caller; 1: asked "are you still there?"; 2: said goodbye
-        self._idle_stage = 0
+        self.watchdog = InactivityWatchdog(
+            self.reactor, self.config.calls.inactivity_prompt_seconds, self.config.calls.inactivity_hangup_seconds,
+            self._ask_still_there, self._say_goodbye,
+            lambda: self.session is not None and bool(self.session.detector.in_speech))
         #: file-mode barge-in: Asterisk's talk detection on the caller channel is on, at this threshold
         self.talk_detect = False
         self.talk_threshold = TalkThreshold()
@@ -162,12 +165,13 @@ class Call:
         self.state = "listening"
         self.turns.reset()
         self._cancel_timer("filler")
-        self._arm_watchdog()
+        if self._finishing is None:
+            self.watchdog.waiting()
 
     @_machine.output()
     def _now_thinking(self) -> None:
         self.state = "thinking"
-        self._cancel_timer("inactive")
+        self.watchdog.busy()
         self._start_turn()
 
     @_machine.output()
@@ -176,7 +180,7 @@ class Call:
         self.turns.reset()
         self._cancel_timer("reply")
         self._cancel_timer("filler")
-        self._cancel_timer("inactive")
+        self.watchdog.busy()
 
     @_machine.output()
     def _now_done(self) -> None:
@@ -343,7 +347,16 @@ class Call:
 
     def _playing_file(self, pcm: bytes, rate: int) -> None:
         """Agent audio about to play from a file: keep talk detection deaf to its echo."""
-        if self.talk_threshold.played(pcm, rate) and self.talk_detect and self._talk_setting is None:
+        if self.talk_threshold.played(pcm, rate):
+            self._raise_talk_threshold()
+
+    def _line_noise(self, frame: bytes) -> None:
+        """A frame of the caller's line with no voice: keep talk detection over its noise too."""
+        if self.talk_threshold.heard_line(frame):
+            self._raise_talk_threshold()
+
+    def _raise_talk_threshold(self) -> None:
+        if self.talk_detect and self._talk_setting is None:
             self._talk_setting = Deferred.fromCoroutine(self._set_talk_threshold())
 
     async def _set_talk_threshold(self) -> None:
@@ -402,6 +415,8 @@ class Call:
         provider = self.provider
         if provider is None or self._failing:
             return
+        if self.talk_detect and self.state == "listening" and not self.gated and not self.session.detector.in_speech:
+            self._line_noise(frame)
         if not provider.wants_turn_taking or not self.gated:
             provider.push_audio(frame)
         elif self.agent_has_floor and self.config.calls.barge_in:
@@ -777,43 +792,30 @@ class Call:
     # --- the caller's silence ----------------------------------------------------------------------
 
     def _caller_active(self) -> None:
-        if self._idle_stage == 2 and self._leave_silent in self._pending_actions:
+        if self.watchdog.active() and self._leave_silent in self._pending_actions:
             self._pending_actions.remove(self._leave_silent)  # they spoke over the goodbye: stay
-        self._idle_stage = 0
-        if "inactive" in self._timers:
-            self._cancel_timer("inactive")
-            self._arm_watchdog()
 
-    def _arm_watchdog(self) -> None:
-        calls = self.config.calls
-        if not calls.inactivity_prompt_seconds or self._idle_stage >= 2 or self._finishing is not None:
-            return
-        self._cancel_timer("inactive")
-        delay = calls.inactivity_prompt_seconds if self._idle_stage == 0 else calls.inactivity_hangup_seconds
-        self._timers["inactive"] = self.reactor.callLater(delay, self._caller_silent)
+    def _may_speak(self) -> bool:
+        return self.state == "listening" and self.provider is not None and not self._failing \
+            and self._finishing is None
 
-    def _caller_silent(self) -> None:
-        """The caller said nothing for a while although it was their turn: ask, then give up."""
-        self._timers.pop("inactive", None)
-        if self.state != "listening" or self.provider is None or self._failing or self._finishing is not None:
+    def _ask_still_there(self) -> None:
+        if not self._may_speak():
             return
-        if self.session is not None and self.session.detector.in_speech:
-            self._arm_watchdog()  # they are speaking right now: a long turn, not silence
-            return
-        self._idle_stage += 1
-        if self._idle_stage == 1:
-            self.engine.count("inactivity_prompts")
-            self.log.info("call {call_id}: the caller has been silent; asking if they are still there",
-                          call_id=self.call_id)
-            if self.context.still_there:
-                self.provider.speak(self.context.still_there).addErrback(self._speak_failed)
-            self._arm_watchdog()  # re-armed again when the question has been heard
+        self.engine.count("inactivity_prompts")
+        self.log.info("call {call_id}: the caller has been silent; asking if they are still there",
+                      call_id=self.call_id)
+        if self.context.still_there:
+            self.provider.speak(self.context.still_there).addErrback(self._speak_failed)
+
+    def _say_goodbye(self) -> None:
+        if not self._may_speak():
             return
         self.engine.count("inactivity_hangups")
         self.log.info("call {call_id}: the caller stayed silent; saying goodbye and hanging up", call_id=self.call_id)
 
         def leave(_: object = None) -> None:
-            if self._idle_stage == 2:
+            if self.watchdog.stage == 2:  # (not if they spoke up meanwhile)
                 self._after_speaking(self._leave_silent)
 
         def failed(failure: Any) -> None:
@@ -945,6 +947,7 @@ class Call:
         ari = self.engine.ari
         for name in list(self._timers):
             self._cancel_timer(name)
+        self.watchdog.busy()
         self.turns.reset()
         if self._setup is not None and not self._setup.called:
             self._setup.cancel()

@@ -18,7 +18,10 @@ would interrupt it. The engine knows every sample it plays, so it keeps the thre
 ``ECHO_MARGIN_DB`` (8 dB) under the loudest 20 ms frame of the call's agent audio so far: the echo
 of that audio, at least 10 dB down, stays under it, while a caller who talks about as loud as the
 agent clears it on every stressed syllable. It only rises (a louder reply raises it before it plays;
-one ARI request), between ``FLOOR`` and ``CEILING``.
+one ARI request), from ``FLOOR``; the echo's part stops at ``CEILING``. Talk detection measures the
+echo and the line's noise together, so the noise of the line (measured while the caller has the
+floor and Asterisk passes their audio: the frames the VAD finds no voice in, a one-second average)
+is added, twice over for its peaks.
 
 **Limits.** A caller much quieter than the agent (more than ~8 dB) cannot interrupt a file, and
 echo returned less than 8 dB down (a handset on speaker at full volume) still can: stream mode,
@@ -35,6 +38,8 @@ CEILING = 4000  # about -20 dBFS: a caller at a normal level can always interrup
 ECHO_MARGIN_DB = 8.0
 #: raise the threshold only when it must rise by more than this share (fewer ARI requests)
 _STEP = 1.1
+#: a 20 ms frame of line noise measures up to about this many times the noise's mean magnitude
+NOISE_PEAK = 2.0
 
 
 def loudest_frame(pcm: bytes, rate: int) -> float:
@@ -48,10 +53,14 @@ def loudest_frame(pcm: bytes, rate: int) -> float:
 
 
 class TalkThreshold:
-    """The TALK_DETECT threshold for one call: raised as louder agent audio is played."""
+    """The TALK_DETECT threshold for one call: raised as louder agent audio is played, and over a
+    noisier line (talk detection measures the echo and the line's noise together)."""
 
     def __init__(self) -> None:
         self.value = FLOOR
+        self._echo = 0  # the loudest echo the agent's audio can make
+        self.noise = 0.0  # the line's noise: mean magnitude of the frames with no voice (a slow average)
+        self._noise_frames = 0
 
     def setting(self) -> str:
         """The value of ``TALK_DETECT(set)``: dsp silence ms, threshold."""
@@ -59,7 +68,19 @@ class TalkThreshold:
 
     def played(self, pcm: bytes, rate: int) -> bool:
         """Agent audio about to play: True when the threshold rose (set it again before it plays)."""
-        wanted = min(CEILING, round(loudest_frame(pcm, rate) * 10 ** (-ECHO_MARGIN_DB / 20)))
+        self._echo = max(self._echo, min(CEILING, round(loudest_frame(pcm, rate) * 10 ** (-ECHO_MARGIN_DB / 20))))
+        return self._update()
+
+    def heard_line(self, frame: bytes) -> bool:
+        """A frame from the caller's line with no voice in it: True when the threshold rose."""
+        level = float(np.abs(np.frombuffer(frame, dtype="<i2").astype(np.float32)).mean()) if frame else 0.0
+        self._noise_frames += 1
+        self.noise += (level - self.noise) / min(self._noise_frames, 50)  # ~1 s average once settled
+        return self._noise_frames >= 25 and self._update()  # not on the first few frames alone
+
+    def _update(self) -> bool:
+        # noise peaks reach about twice its mean magnitude; on top of the loudest echo
+        wanted = max(FLOOR, self._echo + round(NOISE_PEAK * self.noise))
         if wanted > self.value * _STEP:
             self.value = wanted
             return True
