@@ -101,7 +101,9 @@ class AudioSocketProtocol(Protocol):
     It is also the producer of what it writes: when Asterisk stops reading, the kernel's send buffer
     fills, then the transport's own buffer passes ``SEND_BUFFER_BYTES`` and pauses us; the session
     holds its frames back meanwhile, and a pause longer than STREAM_STALL_MS moves the call to file
-    playback (a stalled leg would otherwise queue the agent's voice for minutes)."""
+    playback (a stalled leg would otherwise queue the agent's voice for minutes). Back-pressure
+    only comes once Asterisk's receive buffer is full too: on one machine Linux let it take over
+    3 MB (minutes of slin) before this side saw any."""
 
     log = Logger()
     factory: AudioSocketFactory
