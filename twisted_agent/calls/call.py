@@ -22,10 +22,11 @@ from zope.interface import implementer
 from twisted_agent.ari.errors import ARIError, ARINotFound, ARIUnprocessable
 from twisted_agent.calls.bargein import BargeInDetector
 from twisted_agent.calls.comfort import COMFORT_PREFIX, is_comfort
+from twisted_agent.calls.keys import KeyPresses
 from twisted_agent.calls.playback import FilePlayer, StreamPlayer
 from twisted_agent.calls.registry import ICallHandle
 from twisted_agent.calls.talkdetect import SILENCE_MS as TALK_SILENCE_MS
-from twisted_agent.calls.talkdetect import TalkThreshold
+from twisted_agent.calls.talkdetect import TalkDetection
 from twisted_agent.calls.turns import TurnTaker
 from twisted_agent.calls.watchdog import InactivityWatchdog
 from twisted_agent.media.interfaces import IMediaConsumer
@@ -33,8 +34,6 @@ from twisted_agent.media.rtp_endpoint import PeerNotAllowed
 from twisted_agent.providers.base import ICallInfo, IProviderEvents, ProviderError, ToolResult
 
 PRIME_SILENCE = bytes(320)  # one 20 ms frame ends Asterisk's wait for a first media frame after Answer()
-#: a key reported both by ARI and on the media leg within this time is one press
-KEY_MATCH_SECONDS = 0.5
 
 
 class SetupFailed(Exception):
@@ -101,18 +100,15 @@ class Call:
             self.reactor, self.config.calls.inactivity_prompt_seconds, self.config.calls.inactivity_hangup_seconds,
             self._ask_still_there, self._say_goodbye,
             lambda: self.session is not None and bool(self.session.detector.in_speech))
-        #: file-mode barge-in: Asterisk's talk detection on the caller channel is on, at this threshold
-        self.talk_detect = False
-        self.talk_threshold = TalkThreshold()
+        #: file-mode barge-in: Asterisk's talk detection on the caller channel
+        self.talk = TalkDetection(engine.ari, self.call_id)
         #: the reply was paused for the caller's talk (at this count of inbound frames); None: not paused
         self._talk_paused_at: int | None = None
-        self._talk_setting: Deferred[None] | None = None  # a TALK_DETECT request in flight
         #: why streaming gave up and the call went on with file playback ("" = it did not)
         self.stream_fallback = ""
         #: the next caller transcript continues the previous one (its answer was dropped unheard)
         self._merge_transcript = False
-        #: keys reported by one source ("ari", "media") and not yet by the other: (digit, time)
-        self._keys: dict[str, list[tuple[str, float]]] = {}
+        self._keys = KeyPresses(self.reactor)
 
     # --- the state machine --------------------------------------------------------------------
 
@@ -336,40 +332,8 @@ class Call:
     async def _detect_talking(self) -> None:
         """File mode: Asterisk takes the caller out of the bridge while it plays a file to them, so
         their voice does not reach the media leg; its talk detection still hears them (barge-in)."""
-        if not self.config.calls.barge_in or not self.provider.wants_turn_taking or self.talk_detect:
-            return
-        try:
-            await self.engine.ari.set_variable(self.call_id, "TALK_DETECT(set)", self.talk_threshold.setting())
-            self.talk_detect = True
-        except ARIError as e:
-            self.log.warn("call {call_id}: TALK_DETECT could not be set ({error}): no barge-in over file playback",
-                          call_id=self.call_id, error=str(e))
-
-    def _playing_file(self, pcm: bytes, rate: int) -> None:
-        """Agent audio about to play from a file: keep talk detection deaf to its echo."""
-        if self.talk_threshold.played(pcm, rate):
-            self._raise_talk_threshold()
-
-    def _line_noise(self, frame: bytes) -> None:
-        """A frame of the caller's line with no voice: keep talk detection over its noise too."""
-        if self.talk_threshold.heard_line(frame):
-            self._raise_talk_threshold()
-
-    def _raise_talk_threshold(self) -> None:
-        if self.talk_detect and self._talk_setting is None:
-            self._talk_setting = Deferred.fromCoroutine(self._set_talk_threshold())
-
-    async def _set_talk_threshold(self) -> None:
-        sent = None
-        try:
-            while sent != self.talk_threshold.value and self._finishing is None:  # the latest value wins
-                sent = self.talk_threshold.value
-                await self.engine.ari.set_variable(self.call_id, "TALK_DETECT(set)", self.talk_threshold.setting())
-        except ARIError as e:
-            self.log.warn("call {call_id}: TALK_DETECT threshold not raised ({error})", call_id=self.call_id,
-                          error=str(e))
-        finally:
-            self._talk_setting = None
+        if self.config.calls.barge_in and self.provider.wants_turn_taking:
+            await self.talk.enable()
 
     def _setup_failed(self, failure: Any) -> None:
         if failure.check(CancelledError) or self._finishing is not None:
@@ -415,8 +379,8 @@ class Call:
         provider = self.provider
         if provider is None or self._failing:
             return
-        if self.talk_detect and self.state == "listening" and not self.gated and not self.session.detector.in_speech:
-            self._line_noise(frame)
+        if self.talk.on and self.state == "listening" and not self.gated and not self.session.detector.in_speech:
+            self.talk.heard_line(frame)
         if not provider.wants_turn_taking or not self.gated:
             provider.push_audio(frame)
         elif self.agent_has_floor and self.config.calls.barge_in:
@@ -504,7 +468,7 @@ class Call:
             self._comfort_id = None
         for utterance_id, pcm, rate in unsent:
             if not is_comfort(utterance_id) and utterance_id not in self._interrupted:
-                self._playing_file(pcm, rate)
+                self.talk.playing(pcm, rate)
                 self.player.add(pcm, rate, utterance_id)
         self._player_idle()
         Deferred.fromCoroutine(self._detect_talking())
@@ -518,16 +482,8 @@ class Call:
         self._key(digit, "ari")
 
     def _key(self, digit: str, source: str) -> None:
-        now = self.reactor.seconds()
-        other = "media" if source == "ari" else "ari"
-        unmatched = self._keys.setdefault(other, [])
-        unmatched[:] = [(key, at) for key, at in unmatched if now - at < KEY_MATCH_SECONDS]
-        for index, (key, _) in enumerate(unmatched):
-            if key == digit:  # the other report of a press already handled
-                del unmatched[index]
-                return
-        self._keys.setdefault(source, []).append((digit, now))
-        self._pressed(digit)
+        if self._keys.press(digit, source):  # (not the other report of a press already handled)
+            self._pressed(digit)
 
     def _pressed(self, digit: str) -> None:
         self._caller_active()
@@ -642,7 +598,7 @@ class Call:
         self._comfort_count += 1
         self._comfort_id = f"{COMFORT_PREFIX}{kind}-{self._comfort_count}"
         if isinstance(self.player, FilePlayer):
-            self._playing_file(pcm, 8000)
+            self.talk.playing(pcm, 8000)
         self.player.add(pcm, 8000, self._comfort_id)
 
     def _stop_comfort(self) -> None:
@@ -702,7 +658,7 @@ class Call:
         self._cancel_timer("guard")
         self.audio_out()
         if isinstance(self.player, FilePlayer):
-            self._playing_file(pcm, rate)
+            self.talk.playing(pcm, rate)
         self.player.add(pcm, rate, utterance_id)
 
     def utterance_end(self, utterance_id: str) -> None:
@@ -843,7 +799,7 @@ class Call:
         if not self.agent_has_floor:
             self._caller_active()
         player = self.player
-        if not self.talk_detect or not isinstance(player, FilePlayer) or not self.agent_has_floor:
+        if not self.talk.on or not isinstance(player, FilePlayer) or not self.agent_has_floor:
             return
         if not player.paused:
             self._talk_paused_at = self._audio_frames
@@ -948,6 +904,7 @@ class Call:
         for name in list(self._timers):
             self._cancel_timer(name)
         self.watchdog.busy()
+        self.talk.close()
         self.turns.reset()
         if self._setup is not None and not self._setup.called:
             self._setup.cancel()

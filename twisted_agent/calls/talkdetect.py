@@ -30,7 +30,13 @@ which compares the inbound audio with what was sent, has neither limit.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from twisted_agent.ari.errors import ARIError
 
 SILENCE_MS = 100
 FLOOR = 256  # func_talkdetect's default: nothing quieter is ever talk
@@ -85,3 +91,57 @@ class TalkThreshold:
             self.value = wanted
             return True
         return False
+
+
+class TalkDetection:
+    """TALK_DETECT on one caller channel: turned on once, its threshold raised as the call goes
+    (one request in flight at a time; the latest value wins)."""
+
+    log = Logger()
+
+    def __init__(self, ari: Any, channel_id: str) -> None:
+        self._ari = ari
+        self.channel_id = channel_id
+        self.threshold = TalkThreshold()
+        self.on = False
+        self.closed = False
+        self._setting: Deferred[None] | None = None
+
+    async def enable(self) -> None:
+        if self.on or self.closed:
+            return
+        try:
+            await self._ari.set_variable(self.channel_id, "TALK_DETECT(set)", self.threshold.setting())
+            self.on = True
+        except ARIError as e:
+            self.log.warn("call {call_id}: TALK_DETECT could not be set ({error}): no barge-in over file playback",
+                          call_id=self.channel_id, error=str(e))
+
+    def playing(self, pcm: bytes, rate: int) -> None:
+        """Agent audio about to play from a file: keep talk detection deaf to its echo."""
+        if self.threshold.played(pcm, rate):
+            self._raise()
+
+    def heard_line(self, frame: bytes) -> None:
+        """A frame of the caller's line with no voice: keep talk detection over its noise too."""
+        if self.threshold.heard_line(frame):
+            self._raise()
+
+    def _raise(self) -> None:
+        if self.on and not self.closed and self._setting is None:
+            self._setting = Deferred.fromCoroutine(self._send())
+
+    async def _send(self) -> None:
+        sent = None
+        try:
+            while sent != self.threshold.value and not self.closed:
+                sent = self.threshold.value
+                await self._ari.set_variable(self.channel_id, "TALK_DETECT(set)", self.threshold.setting())
+        except ARIError as e:
+            self.log.warn("call {call_id}: TALK_DETECT threshold not raised ({error})", call_id=self.channel_id,
+                          error=str(e))
+        finally:
+            self._setting = None
+
+    def close(self) -> None:
+        self.closed = True
