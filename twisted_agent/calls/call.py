@@ -462,10 +462,8 @@ class Call:
         self.log.warn("call {call_id}: streaming to the caller failed ({reason}); file playback for the rest of "
                       "the call", call_id=self.call_id, reason=reason)
         unsent = old.take_unsent()
-        old.closed = True
         self.player = self._file_player()
-        if self._comfort_id is not None:
-            self._comfort_id = None
+        self._comfort_id = None  # a filler is not worth a file
         for utterance_id, pcm, rate in unsent:
             if not is_comfort(utterance_id) and utterance_id not in self._interrupted:
                 self.talk.playing(pcm, rate)

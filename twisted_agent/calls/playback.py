@@ -288,14 +288,15 @@ class FilePlayer:
     def drop(self, utterance_id: str) -> Deferred[None]:
         """Stop one utterance (queued, playing, or still being written); the others play on."""
         self._dropped.add(utterance_id)
-        self._held = [entry for entry in self._held if entry[1] != utterance_id or self._discard(entry)]
+        held, self._held = self._held, []
+        for entry in held:  # paused: its held files go too
+            if entry[1] == utterance_id:
+                self._delete(entry[0])
+                self._chunk_done(utterance_id)
+            else:
+                self._held.append(entry)
         return Deferred.fromCoroutine(self._drop([playback_id for playback_id, entry in self._queued.items()
                                                   if entry[1] == utterance_id]))
-
-    def _discard(self, entry: tuple[str, str, int, int]) -> bool:
-        self._delete(entry[0])
-        self._chunk_done(entry[1])
-        return False
 
     async def _drop(self, playback_ids: list[str]) -> None:
         await self._stop_in_reverse(playback_ids)
@@ -360,9 +361,11 @@ class StreamPlayer:
         return succeed(None)
 
     def take_unsent(self) -> list[tuple[str, bytes, int]]:
-        """Streaming gave up: what was not sent yet, (utterance, PCM, rate), for another player."""
+        """Streaming gave up: what was not sent yet, (utterance, PCM, rate), for another player; this
+        one is closed."""
         taken = [(utterance_id, pcm, self._session.leg_rate) for utterance_id, pcm in self._session.outbound.take()]
         self._in_flight.clear()
+        self.closed = True
         return taken
 
     async def close(self) -> None:
