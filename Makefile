@@ -9,8 +9,10 @@ EDITABLE := --config-settings editable_mode=compat
 STAMP := $(VENV)/.installed-core
 LOCAL_STAMP := $(VENV)/.installed-local
 
-# Debian packages the tests use to make real speech (espeak-ng, sox)
-TEST_PACKAGES := espeak-ng sox
+# Debian packages the tests use, as package:command: real speech (espeak-ng, sox), a real Redis
+# for the store tests (started by the tests on a free loopback port), and headless Chromium with
+# its WebDriver for the admin UI browser test.
+TEST_PACKAGES := espeak-ng:espeak-ng sox:sox redis-server:redis-server chromium:chromium chromium-driver:chromedriver
 
 .PHONY: install install-local system-deps test demo bench lint clean
 
@@ -37,13 +39,13 @@ $(LOCAL_STAMP): $(STAMP)
 	touch $@
 
 system-deps:
-	@missing=""; for tool in $(TEST_PACKAGES); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@missing=""; for pair in $(TEST_PACKAGES); do command -v $${pair#*:} >/dev/null || missing="$$missing $${pair%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else \
-	    echo "warning: missing$$missing (sudo apt-get install$$missing); speech tests will be skipped (they fail under CI=true)"; \
+	    echo "warning: missing$$missing (sudo apt-get install$$missing); the tests that need them will be skipped (they fail under CI=true)"; \
 	  fi; \
 	fi
 

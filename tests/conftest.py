@@ -1,12 +1,18 @@
-"""Test-wide settings: a deterministic Hypothesis profile and a guard against async tests that never run."""
+"""Test-wide settings: a deterministic Hypothesis profile, a guard against async tests that never run, and a
+real redis-server fixture."""
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+if TYPE_CHECKING:
+    from tests.redis_server import RedisServer
 
 settings.register_profile(
     "twisted-agent",
@@ -46,3 +52,13 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if unwrapped:
         raise pytest.UsageError(
             "async tests must be decorated with @pytest_twisted.ensureDeferred: " + ", ".join(unwrapped))
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A started redis-server of its own (see tests/redis_server.py); stopped after the test."""
+    from tests.redis_server import RedisServer  # here: most test runs never start one
+
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()

@@ -89,6 +89,9 @@ def test_every_setting_is_overridable_from_the_environment(tmp_path):
         "FILLER": "tone", "RINGBACK": "yes",
         "INACTIVITY_PROMPT_SECONDS": "20", "INACTIVITY_HANGUP_SECONDS": "10", "STREAM_STALL_MS": "500",
         "OPENAI_API_KEY": "oa", "OPENAI_REALTIME_MODEL": "m", "LOG_FORMAT": "json", "LOG_LEVEL": "debug",
+        "ADMIN_SESSION_HOURS": "2", "ADMIN_COOKIE_SECURE": "yes", "STORE_PREFIX": "pbx1", "ENGINE_ID": "engine-7",
+        "STORE_HISTORY_MAX": "50", "STORE_HISTORY_DAYS": "7", "STORE_LIVE_TTL": "10", "STORE_BUFFER_MAX": "500",
+        "OVERFLOW_CONTEXT": "queue", "OVERFLOW_EXTENSION": "600", "OVERFLOW_PRIORITY": "2",
     }
     assert set(values) - {"CONTEXT_NIGHT_GREETING"} == {info.env for info in c.SETTINGS}, "cover every setting"
     config = load(env=values)

@@ -127,13 +127,34 @@ class WebConfig:
     port: int = setting("HEALTH_PORT", 15000, s.port, "TCP port of the web site")
     admin_password_hash: str = setting(
         "ADMIN_PASSWORD_HASH", "", s.text,
-        "password hash for the admin UI; the UI stays disabled while it is empty", secret=True)
+        "password hash for the admin UI (make one with `ai-agent admin-password`); the UI stays disabled while it "
+        "is empty", secret=True)
+    admin_session_hours: float = setting(
+        "ADMIN_SESSION_HOURS", 8.0, s.number(0.1, 720), "hours an admin UI login lasts without activity")
+    admin_cookie_secure: bool = setting(
+        "ADMIN_COOKIE_SECURE", False, s.boolean,
+        "mark the admin session cookie Secure (set it when the site is reached over HTTPS through a proxy)")
 
 
 @dataclass(frozen=True)
 class StoreConfig:
     redis_url: str = setting(
         "REDIS_URL", "", s.redis_url, "empty: in-memory store; redis://host:port/db: shared store for several engines")
+    prefix: str = setting(
+        "STORE_PREFIX", "ai-agent", s.identifier, "namespace of every Redis key this service writes (prefix:...)")
+    engine_id: str = setting(
+        "ENGINE_ID", "", s.text,
+        "this engine's name in a shared store (empty = host name and ARI_APP); unique per engine")
+    history_max: int = setting(
+        "STORE_HISTORY_MAX", 1000, s.integer(10, 10_000_000), "finished calls kept in the history, newest first")
+    history_days: float = setting(
+        "STORE_HISTORY_DAYS", 30.0, s.number(0.01, 3650), "days a finished call stays in the history")
+    live_ttl: float = setting(
+        "STORE_LIVE_TTL", 30.0, s.number(3, 3600),
+        "seconds a live call record outlives its engine's last refresh (a dead engine's calls expire)")
+    buffer_max: int = setting(
+        "STORE_BUFFER_MAX", 10000, s.integer(100, 10_000_000),
+        "records held in memory while Redis is unreachable; beyond it the oldest live updates are dropped")
 
 
 @dataclass(frozen=True)
@@ -151,7 +172,14 @@ class CallsConfig:
         "seconds active calls get to finish after SIGTERM before they are ended")
     fallback_context: str = setting(
         "FALLBACK_CONTEXT", "", s.text,
-        "dialplan context for calls the engine will not take (draining, full); empty = next priority after Stasis()")
+        "dialplan context for calls whose provider failed (after the apology), and for refused calls without "
+        "OVERFLOW_CONTEXT; empty = next priority after Stasis()")
+    overflow_context: str = setting(
+        "OVERFLOW_CONTEXT", "", s.text,
+        "dialplan context for calls refused because this engine is full (MAX_CALLS) or draining, e.g. a queue or "
+        "voicemail (empty = FALLBACK_CONTEXT)")
+    overflow_extension: str = setting("OVERFLOW_EXTENSION", "", s.text, "extension in OVERFLOW_CONTEXT (empty = same)")
+    overflow_priority: int = setting("OVERFLOW_PRIORITY", 1, s.integer(1, 100000), "priority in OVERFLOW_CONTEXT")
     fallback_extension: str = setting("FALLBACK_EXTENSION", "", s.text, "extension in FALLBACK_CONTEXT (empty = same)")
     fallback_priority: int = setting("FALLBACK_PRIORITY", 1, s.integer(1, 100000), "priority in FALLBACK_CONTEXT")
     turn_end_ms: int = setting(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -288,7 +289,12 @@ def _finish(config: AgentConfig, loader: _Loader, resolve_address: AddressResolv
                 "set RTP_ADVERTISE_HOST to this machine's IP as Asterisk sees it") from None
         derived_media = dataclasses.replace(media, advertise_host=s.ip_address(address))
         sources["media.advertise_host"] = "derived"
-    return dataclasses.replace(config, media=derived_media, sources=dict(sources))
+    store = config.store
+    if not store.engine_id:
+        # stable across restarts, so a restarted engine's old live records are recognisably its own
+        store = dataclasses.replace(store, engine_id=f"{socket.gethostname()}-{config.ari.app}")
+        sources["store.engine_id"] = "derived"
+    return dataclasses.replace(config, media=derived_media, store=store, sources=dict(sources))
 
 
 def _same_listener(host_a: str, port_a: int, host_b: str, port_b: int) -> bool:
