@@ -1,4 +1,5 @@
-"""The ``ai-agent`` command: ``check``, ``config``, ``demo``, ``models install|list``, ``version``."""
+"""The ``ai-agent`` command: ``check``, ``config``, ``demo``, ``models install|list``, ``admin-password``,
+``version``."""
 
 from __future__ import annotations
 
@@ -122,6 +123,32 @@ def cmd_models(args: argparse.Namespace) -> int:
     return install_models(local, which, out=lambda line: print(line, flush=True), build_llama=not args.no_llama_cpp)
 
 
+def cmd_admin_password(args: argparse.Namespace) -> int:
+    import getpass
+
+    from twisted_agent.web.auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Admin UI password: ")
+        if getpass.getpass("Again: ") != password:
+            sys.stderr.write("ai-agent: the two passwords differ; nothing changed\n")
+            return 1
+    else:
+        # scripted: the first line of stdin, as `printf '%s\n' "$PASSWORD" | ai-agent admin-password`
+        password = sys.stdin.readline().rstrip("\r\n")
+    try:
+        line = hash_password(password)
+    except ValueError as e:
+        sys.stderr.write(f"ai-agent: {e}\n")
+        return 2
+    # single quotes: the hash's $ signs must reach the service as they are, from a shell or an EnvironmentFile
+    print(f"ADMIN_PASSWORD_HASH='{line}'")
+    sys.stderr.write("Put this line in the service's environment (e.g. /etc/ai-agent/ai-agent.env, the unit's "
+                     "EnvironmentFile) and restart the service; the admin UI is then at http://HEALTH_HOST:HEALTH_PORT"
+                     "/admin/\n")
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(__version__)
     return 0
@@ -167,6 +194,8 @@ def parser() -> argparse.ArgumentParser:
                         help="do not build llama-cpp-python even if an embedded model is selected and it is missing")
     models.add_argument("--config", "-c", default=None, help="YAML configuration file (default: $AI_AGENT_CONFIG, "
                         "else /etc/ai-agent/ai-agent.yaml if present)")
+    add("admin-password", cmd_admin_password, "make the ADMIN_PASSWORD_HASH line that enables the admin UI (reads "
+        "the password twice from the terminal, or once from stdin)")
     add("version", cmd_version, "print the version")
     return top
 

@@ -1,4 +1,4 @@
-"""Klein routes for /health, /live and /ready."""
+"""The engine's web site: /health, /live, /ready, /metrics, and the admin UI under /admin."""
 
 from __future__ import annotations
 
@@ -21,8 +21,12 @@ def _json(request: IRequest, body: Any, code: int = 200) -> bytes:
 class AgentWebApp:
     app = Klein()
 
-    def __init__(self, health: EngineHealth) -> None:
+    def __init__(self, health: EngineHealth, metrics: Any = None, admin: Any = None) -> None:
         self.health = health
+        #: has ``exposition() -> (content type, bytes)``
+        self.metrics = metrics
+        #: has ``resource()``: the admin UI, mounted at /admin
+        self.admin = admin
 
     @app.route("/health", methods=["GET", "HEAD"])
     def get_health(self, request: IRequest) -> bytes:
@@ -39,6 +43,27 @@ class AgentWebApp:
         if reasons:
             return _json(request, {"ready": False, "reasons": reasons}, 503)
         return _json(request, {"ready": True})
+
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    def get_metrics(self, request: IRequest) -> bytes:
+        if self.metrics is None:
+            return _json(request, {"error": "metrics are not enabled"}, 404)
+        content_type, body = self.metrics.exposition()
+        request.setHeader(b"content-type", content_type.encode())
+        request.setHeader(b"cache-control", b"no-store")
+        return body
+
+    @app.route("/admin")
+    def admin_slash(self, request: IRequest) -> bytes:
+        request.redirect(b"/admin/")
+        return b""
+
+    # the admin app's own routes are relative to /admin/ ("/" is /admin/, "/login" is /admin/login)
+    @app.route("/admin/", branch=True)
+    def admin_ui(self, request: IRequest) -> Any:
+        if self.admin is None:
+            return _json(request, {"error": "the admin UI is not enabled"}, 404)
+        return self.admin.resource()
 
     def resource(self) -> Any:
         return self.app.resource()
