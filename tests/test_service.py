@@ -40,7 +40,7 @@ def base_url(service: AgentService) -> str:
 
 def test_children():
     service = AgentService(loopback_config(), reactor)
-    assert [child.name for child in service] == ["ari", "media", "calls", "web"]
+    assert [child.name for child in service] == ["store", "ari", "media", "calls", "web"]
 
 
 @pytest_twisted.ensureDeferred

@@ -51,7 +51,7 @@ def test_options_load_the_config(tmp_path, monkeypatch):
     assert options.config.ari.app == "from-file"
     service = tap.makeService(options)
     assert isinstance(service, AgentService)
-    assert [s.name for s in service] == ["ari", "media", "calls", "web"]
+    assert [s.name for s in service] == ["store", "ari", "media", "calls", "web"]
 
 
 def test_options_bad_config_exit_with_one_line(tmp_path, capfd, monkeypatch):

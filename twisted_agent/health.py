@@ -12,6 +12,9 @@ from twisted_agent.config import AgentConfig
 from twisted_agent.providers.readiness import ProviderCatalog
 from twisted_agent.status import IStatusSource
 
+#: states of a part that still lets calls through but is not as it should be
+DEGRADED_STATES = ("disconnected", "connecting", "error")
+
 
 class EngineHealth:
     def __init__(
@@ -23,6 +26,7 @@ class EngineHealth:
         registry: CallRegistry,
         providers: ProviderCatalog,
         others: list[Any],
+        store: Any = None,
     ) -> None:
         self._config = config
         self._clock = clock
@@ -31,6 +35,7 @@ class EngineHealth:
         self.media = media
         self.registry = registry
         self.providers = providers
+        self.store = store
         self._sources = [ari, media, registry, providers, *others]
 
     def components(self) -> dict[str, dict[str, Any]]:
@@ -48,11 +53,12 @@ class EngineHealth:
         components = self.components()
         if self.registry.draining:
             overall = "draining"
-        elif all(c["ready"] for c in components.values()):
+        elif all(c["ready"] and c["state"] not in DEGRADED_STATES for c in components.values()):
             overall = "ok"
         else:
+            # e.g. Redis down: calls go on (ready), but the operator must see something is wrong
             overall = "degraded"
-        return {
+        snapshot: dict[str, Any] = {
             "status": overall,
             "version": __version__,
             "uptime_s": round(self._clock.seconds() - self._started, 3),
@@ -67,3 +73,7 @@ class EngineHealth:
             "default_provider": self._config.calls.default_provider,
             "components": components,
         }
+        if self.store is not None and self._config.store.redis_url:
+            # several engines share the store: every engine's live calls
+            snapshot["cluster_active_calls"] = self.store.cluster_active()
+        return snapshot

@@ -23,8 +23,10 @@ from twisted_agent.health import EngineHealth
 from twisted_agent.listening import ListenFailed
 from twisted_agent.media.service import MediaService
 from twisted_agent.media.vad import VADUnavailable
+from twisted_agent.metrics import EngineMetrics
 from twisted_agent.providers.readiness import ProviderCatalog
-from twisted_agent.store.status import StorePlaceholder
+from twisted_agent.store.service import StoreService, make_store
+from twisted_agent.web.admin import AdminApp
 from twisted_agent.web.app import AgentWebApp
 from twisted_agent.web.service import WebService
 
@@ -44,7 +46,11 @@ class AgentService(MultiService):
         from twisted_agent.providers.local.pipeline import make_local_factory
 
         self.providers = ProviderCatalog(config, {"local": make_local_factory(reactor, config)}, clock=reactor)
-        self.store = StorePlaceholder(config.store)
+        self.store = make_store(reactor, config.store)
+        # first child: stopped last, after the drain's call records are handed to it
+        store_service = StoreService(self.store)
+        store_service.setName("store")
+        store_service.setServiceParent(self)
 
         self.ari = ARIService(config.ari, reactor)
         self.ari.setName("ari")
@@ -54,13 +60,15 @@ class AgentService(MultiService):
         self.media.setName("media")
         self.media.setServiceParent(self)
 
-        self.engine = CallEngine(reactor, config, self.ari, self.media, self.registry, self.providers)
+        self.engine = CallEngine(reactor, config, self.ari, self.media, self.registry, self.providers, self.store)
         self.engine.setName("calls")
         self.engine.setServiceParent(self)
 
         self.health = EngineHealth(config, reactor, self.ari, self.media, self.registry, self.providers,
-                                   [self.store])
-        self.web_app = AgentWebApp(self.health)
+                                   [self.store], store=self.store)
+        self.metrics = EngineMetrics(self)
+        self.admin = AdminApp(config, self.store, self.engine, reactor)
+        self.web_app = AgentWebApp(self.health, self.metrics, self.admin)
         self.web = WebService(reactor, config.web, self.web_app.resource())
         self.web.setName("web")
         self.web.setServiceParent(self)

@@ -16,11 +16,11 @@ from tests.calls.simstack import Stack
 def stacks(tmp_path: Path) -> Any:
     started: list[Stack] = []
 
-    async def make(**env: str) -> Stack:
-        stack = Stack(tmp_path / f"stack{len(started)}", **env)
+    async def make(sim: Any = None, **env: str) -> Stack:
+        stack = Stack(tmp_path / f"stack{len(started)}", sim, **env)
         started.append(stack)
         return await stack.start()
 
     yield make
-    for stack in started:
+    for stack in reversed(started):  # a stack that shares another's simulator stops before it
         pytest_twisted.blockon(Deferred.fromCoroutine(stack.stop()))

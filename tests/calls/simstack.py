@@ -44,15 +44,19 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0, what: str 
 class Stack:
     """The simulated Asterisk and the real engine, wired together on loopback."""
 
-    def __init__(self, tmp_path: Path, **env: str) -> None:
+    def __init__(self, tmp_path: Path, sim: AsteriskSimulator | None = None, **env: str) -> None:
+        """``sim``: another stack's simulator, for several engines on one PBX (each its own ARI_APP)."""
         self.media_dir = tmp_path / "media"
         self.media_dir.mkdir(parents=True)
         self.env = env
-        self.sim = AsteriskSimulator(reactor, username="ai-agent", password="secret")
+        self.app = env.get("ARI_APP", APP)
+        self.owns_sim = sim is None
+        self.sim = sim if sim is not None else AsteriskSimulator(reactor, username="ai-agent", password="secret")
         self.service: AgentService | None = None
 
     async def start(self) -> Stack:
-        await self.sim.start()
+        if self.owns_sim:
+            await self.sim.start()
         config = load_config(None, {
             "ARI_URL": self.sim.ari_url, "ARI_USERNAME": "ai-agent", "ARI_PASSWORD": "secret",
             "ARI_RECONNECT_MAX_DELAY": "1", "RTP_HOST": "127.0.0.1", "RTP_PORT": str(free_port(socket.SOCK_DGRAM)),
@@ -76,7 +80,7 @@ class Stack:
         return self.service.engine
 
     def call(self, **kw: Any) -> SimulatedCaller:
-        return self.sim.originate(APP, **kw)
+        return self.sim.originate(self.app, **kw)
 
     def reply_files(self) -> list[str]:
         return [name for name in os.listdir(self.media_dir) if not name.startswith(APOLOGY_NAME)]
@@ -92,7 +96,8 @@ class Stack:
     async def stop(self) -> None:
         if self.service is not None:
             await self.service.stopService()
-        await self.sim.stop()
+        if self.owns_sim:
+            await self.sim.stop()
 
 
 def reply_audio(text: str) -> bytes:

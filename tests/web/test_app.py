@@ -16,7 +16,7 @@ from twisted_agent.config import load_config
 from twisted_agent.health import EngineHealth
 from twisted_agent.providers.readiness import ProviderCatalog
 from twisted_agent.status import ComponentStatus, IStatusSource
-from twisted_agent.store.status import StorePlaceholder
+from twisted_agent.store.memory import MemoryStore
 from twisted_agent.web.app import AgentWebApp
 
 
@@ -55,7 +55,7 @@ def make(env=None, providers_ready=True):
     ari, media = FakeARI(), FakeMedia()
     registry = CallRegistry(clock)
     providers = (ReadyProviders if providers_ready else ProviderCatalog)(config)
-    health = EngineHealth(config, clock, ari, media, registry, providers, [StorePlaceholder(config.store)])
+    health = EngineHealth(config, clock, ari, media, registry, providers, [MemoryStore(clock, config.store)])
     app = AgentWebApp(health)
     return StubTreq(app.resource()), ari, registry, clock
 
@@ -100,7 +100,9 @@ def test_health_reports_the_required_fields(site):
     assert data["status"] == "degraded"
     assert data["components"]["ari"] == {"state": "disconnected", "ready": False,
                                          "detail": "not connected to ARI", "implemented": True}
-    assert data["components"]["store"]["implemented"] is False, "placeholders say so"
+    assert data["components"]["store"]["state"] == "running"
+    assert "in memory" in data["components"]["store"]["detail"]
+    assert "cluster_active_calls" not in data, "only a shared store knows other engines' calls"
 
 
 def test_health_follows_the_ari_connection(site):

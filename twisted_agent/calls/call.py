@@ -57,6 +57,8 @@ class Call:
         self.state = "connecting"
         self.provider_name = self.config.calls.default_provider
         self.context_name = self.config.calls.default_context
+        #: where the provider and context came from: "default", "channel variable" or "context"
+        self.provider_source = self.context_source = "default"
         self.context = self.config.contexts[self.context_name]
         self.bridge_id = f"ai-bridge-{self.call_id}"
         self.media_channel_id = f"ai-media-{self.call_id}"
@@ -67,6 +69,10 @@ class Call:
         self.media_started: Deferred[None] = Deferred()
         self.ended: Deferred[str] = Deferred()
         self.end_reason = ""
+        #: how the call ended (one of calls.record.OUTCOMES; set by finish() unless set before)
+        self.outcome = ""
+        #: Asterisk's hang-up cause text, when the caller's side ended the call
+        self.hangup_cause = ""
         self.conversation: list[tuple[str, str]] = []  # (speaker, text), turn by turn
         self.turn_timings: list[dict[str, float]] = []
         self.started_at = self.reactor.seconds()
@@ -159,6 +165,7 @@ class Call:
     @_machine.output()
     def _now_listening(self) -> None:
         self.state = "listening"
+        self.engine.call_changed(self)
         self.turns.reset()
         self._cancel_timer("filler")
         if self._finishing is None:
@@ -167,12 +174,14 @@ class Call:
     @_machine.output()
     def _now_thinking(self) -> None:
         self.state = "thinking"
+        self.engine.call_changed(self)
         self.watchdog.busy()
         self._start_turn()
 
     @_machine.output()
     def _now_speaking(self) -> None:
         self.state = "speaking"
+        self.engine.call_changed(self)
         self.turns.reset()
         self._cancel_timer("reply")
         self._cancel_timer("filler")
@@ -304,6 +313,7 @@ class Call:
         if provider:
             if provider in self.engine.providers.factories:
                 self.provider_name = provider
+                self.provider_source = "channel variable"
             else:
                 self.log.warn("call {call_id}: AI_PROVIDER={value!r} is not a provider; using {default}",
                               call_id=self.call_id, value=provider, default=self.provider_name)
@@ -311,12 +321,15 @@ class Call:
         if context:
             if context in self.config.contexts:
                 self.context_name = context
+                self.context_source = "channel variable"
             else:
                 self.log.warn("call {call_id}: AI_CONTEXT={value!r} is not a context; using {default}",
                               call_id=self.call_id, value=context, default=self.context_name)
         self.context = self.config.contexts[self.context_name]
-        if not provider and self.context.provider:
+        if self.provider_source == "default" and self.context.provider:
             self.provider_name = self.context.provider
+            self.provider_source = "context"
+        self.engine.call_changed(self)
 
     def _make_player(self) -> Any:
         if self.config.media.downstream_mode == "stream":
@@ -339,6 +352,7 @@ class Call:
         if failure.check(CancelledError) or self._finishing is not None:
             return None
         if failure.check(ARINotFound):
+            self.outcome = "setup_failed"
             self.finish("caller left during set-up", caller=None)
         elif failure.check(ProviderError, SetupFailed):
             self.fail(failure.getErrorMessage())
@@ -638,6 +652,7 @@ class Call:
             self.conversation.append((speaker, text))
         if speaker == "caller":
             self._merge_transcript = False
+        self.engine.call_changed(self)
 
     def user_speech_started(self) -> None:
         pass  # barge-in for providers that detect speech themselves: the streaming work builds on this
@@ -702,6 +717,7 @@ class Call:
             if "filler" in marks:
                 timing["filler_ms"] = round((marks["filler"] - marks["speech_end"]) * 1000, 1)
         self.turn_timings.append(timing)
+        self.engine.turn_recorded(self, timing)
 
     def _player_idle(self) -> None:
         if self._comfort_id is not None and self.player is not None and self.player.idle:
@@ -782,6 +798,7 @@ class Call:
             leave()
 
     def _leave_silent(self) -> None:
+        self.outcome = self.outcome or "inactivity"
         self.finish("caller inactive", caller="hangup")
 
     def _speak_failed(self, failure: Any) -> None:
@@ -884,6 +901,7 @@ class Call:
         """End the call once; ``caller``: None (already gone), "hangup", "continue" or "transfer"."""
         if self._finishing is None:
             self.end_reason = reason
+            self.outcome = self.outcome or self._outcome(caller, reason)
             self.end()
             self._finishing = Deferred.fromCoroutine(self._release(reason, caller))
             self._finishing.addErrback(lambda f: self.log.failure("call {call_id}: release failed", f,
@@ -932,8 +950,23 @@ class Call:
             self.ended.callback(reason)
         return reason
 
+    def _outcome(self, caller: str | None, reason: str) -> str:
+        if self._failing:
+            return "failed"
+        if caller == "transfer":
+            return "transferred"
+        if caller == "hangup":
+            return "agent_hangup"
+        if caller == "continue":
+            return "shutdown" if reason == "shutdown" else "failed"
+        return "completed"
+
     def _continue(self, why: str) -> Deferred[None]:
         calls = self.config.calls
+        if why == "refused" and calls.overflow_context:
+            return self.engine.ari.continue_in_dialplan(self.call_id, context=calls.overflow_context,
+                                                        extension=calls.overflow_extension or None,
+                                                        priority=calls.overflow_priority)
         if why == "transfer" and calls.transfer_context:
             context, extension, priority = calls.transfer_context, calls.transfer_extension, calls.transfer_priority
         elif calls.fallback_context:
@@ -948,11 +981,6 @@ class Call:
         if timer is not None and timer.active():
             timer.cancel()
 
-    def summary(self) -> dict[str, Any]:
-        return {"call_id": self.call_id, "caller": self.caller_number, "state": self.state,
-                "provider": self.provider_name, "context": self.context_name, "transcript": list(self.conversation),
-                "turns": list(self.turn_timings), "end_reason": self.end_reason,
-                "media": self.session.stats() if self.session is not None else {}}
 
 
 async def _gone_ok(d: Deferred[Any], log: Logger, call_id: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -19,14 +20,19 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from twisted_agent.ari import events as ev
 from twisted_agent.ari.errors import ARIError, ARINotFound
 from twisted_agent.calls.call import Call
 from twisted_agent.calls.comfort import comfort_tone, load_filler, ringback_tone
 from twisted_agent.calls.playback import ENCODERS, FILE_PREFIX, FilePlayer, StreamPlayer, sweep, write_atomically
+from twisted_agent.calls.record import hangup_cause, history_record, live_record, refused_record
 from twisted_agent.calls.registry import CallRegistry, Refusal
 from twisted_agent.media.codecs import ulaw_decode
+from twisted_agent.store.interfaces import ICallStore
+from twisted_agent.store.memory import MemoryStore
+from twisted_agent.web.interfaces import ICallControl
 
 MEDIA_CHANNEL_PREFIX = "ai-media-"
 APOLOGY_NAME = "twisted-agent-apology"  # not FILE_PREFIX: the start-up sweep keeps it
@@ -51,11 +57,15 @@ class _PlaybackWaiter:
             self.done.callback(state)
 
 
+TurnListener = Callable[[Call, dict[str, float]], None]
+
+
+@implementer(ICallControl)
 class CallEngine(Service):
     log = Logger()
 
     def __init__(self, reactor: Any, config: Any, ari: Any, media: Any, registry: CallRegistry,
-                 providers: Any) -> None:
+                 providers: Any, store: ICallStore | None = None) -> None:
         self.reactor = reactor
         self.config = config
         self.ari_service = ari
@@ -72,7 +82,18 @@ class CallEngine(Service):
         #: after the filler, while the answer is still not ready
         self.comfort_pcm = comfort_tone() if self.filler_pcm else b""
         self.ringback_pcm = ringback_tone(config.calls.provider_timeout + 5) if config.calls.ringback else b""
-        self.finished: list[dict[str, Any]] = []  # recent call summaries (the store keeps history)
+        #: the last 100 history records of this engine's calls (the store keeps the history)
+        self.finished: list[dict[str, Any]] = []
+        self.store: ICallStore = store if store is not None else MemoryStore(reactor, config.store)
+        self.engine_id: str = self.store.engine_id
+        #: finished calls by outcome (calls.record.OUTCOMES), for /metrics
+        self.outcomes: Counter[str] = Counter()
+        #: told of every turn's timings as it is recorded (the metrics' latency histograms)
+        self.turn_listeners: list[TurnListener] = []
+        #: told of every finished call's history record
+        self.finish_listeners: list[Callable[[dict[str, Any]], None]] = []
+        #: calls whose live record changed since it was last written (written once per reactor turn)
+        self._changed: dict[str, Call] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -152,9 +173,11 @@ class CallEngine(Service):
             self.registry.admit(call)
         except Refusal as refusal:
             self.counters[f"refused_{refusal.reason}"] += 1
+            self.outcomes["refused"] += 1
             self.log.info("call {call_id} from {caller} not taken ({reason}): back to the dialplan",
                           call_id=channel.id, caller=channel.caller.number, reason=refusal.reason)
             call._continue("refused").addErrback(lambda f: None)  # not answered: the dialplan goes on
+            self.store.call_finished(refused_record(self, channel, refusal.reason))
             return
         self.calls[channel.id] = call
         self.counters["calls"] += 1
@@ -165,6 +188,8 @@ class CallEngine(Service):
         call = self.calls.get(channel_id)
         if call is not None:
             cause = getattr(event, "cause_txt", None) or "caller hung up"
+            if not call.hangup_cause:
+                call.hangup_cause = hangup_cause(event)
             call.caller_gone(f"caller hung up ({cause})" if cause != "caller hung up" else cause)
             return
         call = self._media_channels.get(channel_id)
@@ -222,9 +247,55 @@ class CallEngine(Service):
     def forget(self, call: Call) -> None:
         if self.calls.get(call.call_id) is call:
             del self.calls[call.call_id]
-            self.finished.append(call.summary())
+            self._changed.pop(call.call_id, None)
+            record = history_record(call)
+            self.finished.append(record)
             del self.finished[:-100]
+            self.outcomes[record["outcome"]] += 1
+            self.store.call_finished(record)
+            for listener in self.finish_listeners:
+                listener(record)
         self.registry.discard(call.call_id)
+
+    def call_changed(self, call: Call) -> None:
+        """The call's live record is out of date: written at the end of this reactor turn, once."""
+        if not self._changed:
+            self.reactor.callLater(0, self._write_changed)
+        self._changed[call.call_id] = call
+
+    def _write_changed(self) -> None:
+        changed, self._changed = self._changed, {}
+        for call_id, call in changed.items():
+            if self.calls.get(call_id) is call:
+                self.store.call_updated(live_record(call))
+
+    def turn_recorded(self, call: Call, timing: dict[str, float]) -> None:
+        for listener in self.turn_listeners:
+            listener(call, timing)
+        self.call_changed(call)
+
+    # --- ICallControl: the admin UI's actions ---------------------------------------------------
+
+    def hang_up(self, call_id: str) -> Deferred[bool]:
+        return Deferred.fromCoroutine(self._hang_up(call_id))
+
+    async def _hang_up(self, call_id: str) -> bool:
+        call = self.calls.get(call_id)
+        if call is not None:
+            self.log.info("call {call_id}: hung up by an operator", call_id=call_id)
+            call.outcome = call.outcome or "operator_hangup"
+            await call.finish("hung up by an operator", caller="hangup")
+            return True
+        # another engine's call (shared store): hang its channel up; its engine sees the hang-up
+        try:
+            await self.ari.hangup(call_id)
+        except ARINotFound:
+            return False
+        except ARIError as e:
+            self.log.warn("could not hang up call {call_id}: {error}", call_id=call_id, error=str(e))
+            return False
+        self.log.info("call {call_id} (another engine's): hung up by an operator", call_id=call_id)
+        return True
 
     def count(self, what: str) -> None:
         self.counters[what] += 1

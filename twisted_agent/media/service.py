@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import uuid
+from collections import Counter
 from typing import Any
 
 from twisted.application.service import Service
@@ -55,6 +56,8 @@ class MediaService(Service):
         self.silero = SileroPool() if config.vad_silero else None
         self._refilling = False
         self._closed_lateness = LatenessHistogram()
+        #: per-session counters (TOTALLED) of the sessions already closed
+        self._closed_totals: Counter[str] = Counter()
         self.sessions_created = 0
 
     @property
@@ -121,6 +124,7 @@ class MediaService(Service):
         if self.sessions.get(session.call_id) is session:
             del self.sessions[session.call_id]
         self._closed_lateness.merge(session.lateness)
+        self._closed_totals.update(_session_counts(session))
         model = getattr(getattr(session.detector, "vad", None), "silero", None)
         if self.silero is not None and model is not None:
             self.silero.release(model)
@@ -184,6 +188,17 @@ class MediaService(Service):
             total.merge(session.lateness)
         return total
 
+    def totals(self) -> dict[str, int]:
+        """Media counters since start, over every call (closed and live) and the shared listener:
+        frames in/out, RTP packets in/out/lost/malformed, packets matching no call (``foreign``:
+        unknown peer, not allowed, or another SSRC on a call's port)."""
+        totals = Counter(self._closed_totals)
+        for session in self.sessions.values():
+            totals.update(_session_counts(session))
+        router = self.rtp.router
+        totals["foreign"] += router.foreign + router.disallowed
+        return {key: totals[key] for key in TOTALLED}
+
     def stats(self) -> dict[str, Any]:
         return {
             "sessions": len(self.sessions),
@@ -204,3 +219,13 @@ class MediaService(Service):
         if router.foreign or router.disallowed:
             detail += f"; {router.foreign + router.disallowed} RTP packet(s) matched no call"
         return ComponentStatus("listening", True, detail)
+
+
+TOTALLED = ("frames_in", "frames_out", "packets_in", "packets_out", "lost", "malformed", "foreign")
+
+
+def _session_counts(session: MediaSession) -> dict[str, int]:
+    stats = session.stats()
+    # a packet from another SSRC on a call's own port is foreign too
+    stats["foreign"] = stats.get("foreign_ssrc")
+    return {key: int(stats.get(key) or 0) for key in TOTALLED}
