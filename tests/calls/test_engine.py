@@ -263,6 +263,7 @@ def test_reconnect_ends_calls_whose_caller_left_during_the_outage(rig: Rig) -> N
     assert lost.end_reason == "caller left during the ARI outage"
     assert rig.engine.counters["lost_during_outage"] == 1
     assert "ai-bridge-1700000000.2" not in rig.ari.bridges
+    assert lost.outcome == "lost" and rig.engine.outcomes["lost"] == 1
 
 
 def test_unexpected_end_of_the_media_channel_fails_the_call(rig: Rig) -> None:

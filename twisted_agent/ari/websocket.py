@@ -23,13 +23,13 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import backoffPolicy
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import connectionDone
-from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, globalLogPublisher
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -38,6 +38,7 @@ from twisted_agent.ari.errors import describe_unreachable, summary
 from twisted_agent.ari.events import ApplicationReplaced, ARIEventError, Event, parse_event
 from twisted_agent.ari.interfaces import IARIEvents
 from twisted_agent.config import ARIConfig
+from twisted_agent.reconnect import GuardedEndpoint, QuietClientService
 from twisted_agent.status import ComponentStatus
 from twisted_agent.tls import client_tls_options
 
@@ -202,7 +203,12 @@ class ARIEventsProtocol(WebSocketClientProtocol):
         self.wasNotCleanReason = reason
         self.dropConnection(abort=True)
 
-    def connection_lost_before_upgrade(self, reason: Failure) -> None:
+    @property
+    def prepared(self) -> bool:
+        """For the guard in :mod:`twisted_agent.reconnect`: the handshake ClientService waits for is the upgrade."""
+        return self.upgraded
+
+    def lost_unprepared(self, reason: Failure) -> None:
         """The connection ended without an upgrade (called instead of the ClientService notification)."""
         self.connectionLost(reason)
 
@@ -258,93 +264,14 @@ class ARIEventsFactory(WebSocketClientFactory):
         self.dispatcher = service.dispatcher
 
 
-# --- keeping ClientService's state machine consistent ------------------------------------------
-
-
-@implementer(IProtocol)
-class _UpgradeGuard:
-    """Stands between the transport and ClientService's protocol wrapper.
-
-    ClientService reports a lost connection to its state machine, which only expects that for a
-    connection ``prepareConnection`` accepted; a connection whose upgrade failed is a failed
-    attempt (the prepare Deferred already said so). So until the upgrade completes, a lost
-    connection goes to the WebSocket protocol alone.
-    """
-
-    def __init__(self, wrapped: Any) -> None:
-        self.wrapped = wrapped
-
-    def makeConnection(self, transport: Any) -> None:
-        self.wrapped.makeConnection(transport)
-
-    def connectionMade(self) -> None:
-        """Part of IProtocol; makeConnection already told the wrapped protocol."""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.wrapped.dataReceived(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.wrapped.upgraded:
-            self.wrapped.connectionLost(reason)
-        else:
-            self.wrapped.connection_lost_before_upgrade(reason)
-
-
-@implementer(IProtocolFactory)
-class _GuardFactory:
-    def __init__(self, wrapped: IProtocolFactory) -> None:
-        self._wrapped = wrapped
-
-    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
-        built = self._wrapped.buildProtocol(addr)
-        return None if built is None else _UpgradeGuard(built)
-
-    def doStart(self) -> None:
-        self._wrapped.doStart()
-
-    def doStop(self) -> None:
-        self._wrapped.doStop()
-
-
-@implementer(IStreamClientEndpoint)
-class _GuardedEndpoint:
-    """Connects through ``inner``, guarding each connection; reports connect failures."""
-
-    def __init__(self, inner: IStreamClientEndpoint, failed: Callable[[Failure], None]) -> None:
-        self._inner = inner
-        self._failed = failed
-
-    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        d = self._inner.connect(_GuardFactory(protocolFactory))
-
-        def unguard(guard: Any) -> Any:
-            return guard.wrapped
-
-        def failed(failure: Failure) -> Failure:
-            self._failed(failure)
-            return failure
-
-        return d.addCallbacks(unguard, failed)
-
-
-@implementer(ILogObserver)
-class _AsDebug:
-    """Passes events on to the global log publisher at debug level."""
-
-    def __call__(self, event: LogEvent) -> None:
-        globalLogPublisher({**event, "log_level": LogLevel.debug})
-
-
 # --- the service ------------------------------------------------------------------------------
 
 
 @implementer(IARIEvents)
-class ARIEventsService(ClientService):
+class ARIEventsService(QuietClientService):
     """The events WebSocket, reconnected with back-off for as long as the service runs."""
 
     log = Logger()
-    # ClientService logs every scheduled retry at info; this service logs the outage instead
-    _log = Logger(observer=_AsDebug())
 
     def __init__(
         self,
@@ -366,7 +293,7 @@ class ARIEventsService(ClientService):
         #: the WebSocket factory (protocol options such as the keepalive live here)
         self.factory = ARIEventsFactory(self, config, reactor)
         super().__init__(
-            _GuardedEndpoint(endpoint or events_endpoint(reactor, config), self._attempt_failed),
+            GuardedEndpoint(endpoint or events_endpoint(reactor, config), self._attempt_failed),
             self.factory,
             retryPolicy=retry_policy,
             clock=self._clock,

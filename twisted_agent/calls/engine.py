@@ -207,6 +207,7 @@ class CallEngine(Service):
                 await self.ari.get_channel(call.call_id)
             except ARINotFound:
                 self.counters["lost_during_outage"] += 1
+                call.outcome = call.outcome or "lost"
                 call.caller_gone("caller left during the ARI outage")
                 continue
             except ARIError as e:

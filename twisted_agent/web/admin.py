@@ -204,54 +204,66 @@ def _see_other(request: IRequest, location: str) -> bytes:
 Handler = Callable[..., Coroutine[Any, Any, bytes | None]]
 
 
-def page_route(handler: Handler) -> Callable[..., Any]:
-    """A page for a logged-in operator; anyone else is sent to the login form, and back afterwards."""
+Refusal = Callable[["AdminApp", IRequest], bytes]
+
+
+def _guarded(handler: Handler, anonymous: Refusal, before: Callable[[AdminApp, IRequest], bytes | None] | None = None,
+             check: Callable[[AdminApp, IRequest, Session], bytes | None] | None = None) -> Callable[..., Any]:
+    """The handler for a logged-in operator, once the UI is enabled and ``before``/``check`` found
+    nothing wrong; ``anonymous`` answers anyone without a session."""
 
     @wraps(handler)
     def guarded(self: AdminApp, request: IRequest, **kw: Any) -> Any:
         if self.password is None:
             return self.disabled(request)
+        refused = before(self, request) if before is not None else None
+        if refused is not None:
+            return refused
         session = self.session_of(request, touch=True)
         if session is None:
-            path = local_next(request.uri.decode("utf-8", "replace"))
-            return _see_other(request, "/admin/login?" + urlencode({"next": path}))
+            return anonymous(self, request)
+        refused = check(self, request, session) if check is not None else None
+        if refused is not None:
+            return refused
         return Deferred.fromCoroutine(handler(self, request, session, **kw))
     return guarded
+
+
+def _to_login(self: AdminApp, request: IRequest) -> bytes:
+    path = local_next(request.uri.decode("utf-8", "replace"))
+    return _see_other(request, "/admin/login?" + urlencode({"next": path}))
+
+
+def _unauthorized(self: AdminApp, request: IRequest) -> bytes:
+    request.setResponseCode(401)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    return b"log in first\n"
+
+
+def _cross_site(self: AdminApp, request: IRequest) -> bytes | None:
+    return None if self.same_origin(request) else self.forbidden(request, "cross-site request refused")
+
+
+def _csrf(self: AdminApp, request: IRequest, session: Session) -> bytes | None:
+    given = _arg(request, "csrf") or _header(request, b"x-csrf-token")
+    if tokens_match(session.csrf, given):
+        return None
+    return self.forbidden(request, "missing or wrong CSRF token; reload the page and try again")
+
+
+def page_route(handler: Handler) -> Callable[..., Any]:
+    """A page for a logged-in operator; anyone else is sent to the login form, and back afterwards."""
+    return _guarded(handler, _to_login)
 
 
 def stream_route(handler: Handler) -> Callable[..., Any]:
     """Live updates for a logged-in operator; anyone else gets 401 (an EventSource cannot follow a login)."""
-
-    @wraps(handler)
-    def guarded(self: AdminApp, request: IRequest, **kw: Any) -> Any:
-        if self.password is None:
-            return self.disabled(request)
-        session = self.session_of(request, touch=True)
-        if session is None:
-            request.setResponseCode(401)
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"log in first\n"
-        return Deferred.fromCoroutine(handler(self, request, session, **kw))
-    return guarded
+    return _guarded(handler, _unauthorized)
 
 
 def action_route(handler: Handler) -> Callable[..., Any]:
     """A state-changing POST: a same-site Origin (when sent), a session and its CSRF token, else 403."""
-
-    @wraps(handler)
-    def guarded(self: AdminApp, request: IRequest, **kw: Any) -> Any:
-        if self.password is None:
-            return self.disabled(request)
-        if not self.same_origin(request):
-            return self.forbidden(request, "cross-site request refused")
-        session = self.session_of(request, touch=True)
-        if session is None:
-            return self.forbidden(request, "log in first")
-        given = _arg(request, "csrf") or _header(request, b"x-csrf-token")
-        if not tokens_match(session.csrf, given):
-            return self.forbidden(request, "missing or wrong CSRF token; reload the page and try again")
-        return Deferred.fromCoroutine(handler(self, request, session, **kw))
-    return guarded
+    return _guarded(handler, lambda self, request: self.forbidden(request, "log in first"), _cross_site, _csrf)
 
 
 class AdminApp:
