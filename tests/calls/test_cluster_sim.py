@@ -10,12 +10,31 @@ import pytest_twisted
 import treq
 
 from tests.calls.simstack import Stack, converse, sleep, until
+from tests.web.conftest import hidden
+from twisted_agent.web.auth import hash_password
+
+PASSWORD = "two engines, one view"
 
 
 async def health(stack: Stack) -> dict[str, Any]:
     assert stack.service is not None
     response = await treq.get(f"http://127.0.0.1:{stack.service.config.web.port}/health")
     return json.loads(await response.text())
+
+
+async def admin_page(stack: Stack, path: str = "/admin/") -> str:
+    """Log in to the stack's admin UI over real HTTP and fetch ``path``."""
+    assert stack.service is not None
+    base = f"http://127.0.0.1:{stack.service.config.web.port}"
+    form = await treq.get(base + "/admin/login")
+    cookies = {c.name: c.value or "" for c in form.cookies()}
+    fields = {"password": PASSWORD, "csrf": hidden(await form.text(), "csrf"), "next": path}
+    login = await treq.post(base + "/admin/login", data=fields, cookies=cookies, allow_redirects=False)
+    assert login.code == 303, await login.text()
+    cookies.update({c.name: c.value or "" for c in login.cookies()})
+    page = await treq.get(base + path, cookies=cookies)
+    assert page.code == 200
+    return str(await page.text())
 
 
 async def live_numbers(stack: Stack) -> list[str]:
@@ -36,10 +55,12 @@ async def _eventually_live(stack: Stack, wanted: list[str], timeout: float = 5) 
 @pytest_twisted.ensureDeferred
 async def test_two_engines_one_redis_see_each_others_calls_and_a_full_engine_overflows(
         stacks: Any, redis_server: Any) -> None:
+    admin = hash_password(PASSWORD)
     a = await stacks(ARI_APP="ai-a", ENGINE_ID="engine-a", REDIS_URL=redis_server.url, MAX_CALLS="1",
-                     OVERFLOW_CONTEXT="ai-overflow", OVERFLOW_EXTENSION="s", DOWNSTREAM_MODE="stream")
+                     OVERFLOW_CONTEXT="ai-overflow", OVERFLOW_EXTENSION="s", DOWNSTREAM_MODE="stream",
+                     ADMIN_PASSWORD_HASH=admin)
     b = await stacks(a.sim, ARI_APP="ai-b", ENGINE_ID="engine-b", REDIS_URL=redis_server.url,
-                     DOWNSTREAM_MODE="stream")
+                     DOWNSTREAM_MODE="stream", ADMIN_PASSWORD_HASH=admin)
     first = a.call(caller_number="1001")
     second = b.call(caller_number="1002")
     await first.answered
@@ -50,6 +71,11 @@ async def test_two_engines_one_redis_see_each_others_calls_and_a_full_engine_ove
         assert numbers == ["1001", "1002"], f"{stack.app} sees {numbers}"
         records = await stack.engine.store.live_calls()
         assert {r["engine_id"] for r in records} == {"engine-a", "engine-b"}
+        page = await admin_page(stack)  # what the operator sees on either engine
+        for number, engine in (("1001", "engine-a"), ("1002", "engine-b")):
+            assert number in page and engine in page, f"{stack.app}'s admin UI does not show {number} of {engine}"
+        other = first if stack is b else second  # the other engine's call, opened from this one
+        assert "Hang up" in await admin_page(stack, f"/admin/calls/{other.channel.id}")
     await until(lambda: a.engine.store.cluster_active() == 2 and b.engine.store.cluster_active() == 2,
                 timeout=15, what="both engines to count two live calls in the cluster")
     for stack in (a, b):
