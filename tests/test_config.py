@@ -92,6 +92,11 @@ def test_every_setting_is_overridable_from_the_environment(tmp_path):
         "ADMIN_SESSION_HOURS": "2", "ADMIN_COOKIE_SECURE": "yes", "STORE_PREFIX": "pbx1", "ENGINE_ID": "engine-7",
         "STORE_HISTORY_MAX": "50", "STORE_HISTORY_DAYS": "7", "STORE_LIVE_TTL": "10", "STORE_BUFFER_MAX": "500",
         "OVERFLOW_CONTEXT": "queue", "OVERFLOW_EXTENSION": "600", "OVERFLOW_PRIORITY": "2",
+        "CLOUD_CONNECT_TIMEOUT": "3", "DEEPGRAM_URL": "ws://127.0.0.1:9/agent", "DEEPGRAM_LISTEN_MODEL": "nova-2",
+        "DEEPGRAM_THINK_PROVIDER": "anthropic", "DEEPGRAM_THINK_MODEL": "claude", "DEEPGRAM_SPEAK_MODEL": "aura-x",
+        "OPENAI_REALTIME_URL": "ws://127.0.0.1:9/rt", "OPENAI_REALTIME_API": "beta", "OPENAI_REALTIME_AUDIO": "pcm16",
+        "OPENAI_REALTIME_VOICE": "marin", "OPENAI_VAD_THRESHOLD": "0.7", "OPENAI_VAD_PREFIX_MS": "200",
+        "OPENAI_VAD_SILENCE_MS": "700",
     }
     assert set(values) - {"CONTEXT_NIGHT_GREETING"} == {info.env for info in c.SETTINGS}, "cover every setting"
     config = load(env=values)

@@ -293,16 +293,39 @@ class LocalProviderConfig:
 @dataclass(frozen=True)
 class DeepgramConfig:
     api_key: str = setting("DEEPGRAM_API_KEY", "", s.text, "Deepgram API key (environment or file only)", secret=True)
+    url: str = setting("DEEPGRAM_URL", "wss://agent.deepgram.com/v1/agent/converse", s.websocket_url,
+                       "Deepgram Voice Agent WebSocket (V1 API)")
+    listen_model: str = setting("DEEPGRAM_LISTEN_MODEL", "nova-3", s.nonempty_text, "speech recognition model")
+    think_provider: str = setting(
+        "DEEPGRAM_THINK_PROVIDER", "open_ai", s.choice("open_ai", "anthropic", "google", "groq", "aws_bedrock"),
+        "language model provider the agent thinks with")
+    think_model: str = setting("DEEPGRAM_THINK_MODEL", "gpt-4o-mini", s.nonempty_text, "language model")
+    speak_model: str = setting("DEEPGRAM_SPEAK_MODEL", "aura-2-thalia-en", s.nonempty_text, "Deepgram voice")
 
 
 @dataclass(frozen=True)
 class OpenAIRealtimeConfig:
     api_key: str = setting("OPENAI_API_KEY", "", s.text, "OpenAI API key (environment or file only)", secret=True)
     model: str = setting("OPENAI_REALTIME_MODEL", "gpt-realtime", s.nonempty_text, "OpenAI Realtime model")
+    url: str = setting("OPENAI_REALTIME_URL", "wss://api.openai.com/v1/realtime", s.websocket_url,
+                       "OpenAI Realtime WebSocket (?model= is added)")
+    api: str = setting("OPENAI_REALTIME_API", "ga", s.choice("ga", "beta"),
+                       "ga: the current interface; beta: the older one (OpenAI-Beta: realtime=v1)")
+    audio: str = setting(
+        "OPENAI_REALTIME_AUDIO", "pcmu", s.choice("pcmu", "pcm16"),
+        "pcmu: G.711 μ-law at 8 kHz both ways, no resampling; pcm16: 24 kHz PCM, resampled here")
+    voice: str = setting("OPENAI_REALTIME_VOICE", "alloy", s.nonempty_text, "the agent's voice")
+    vad_threshold: float = setting("OPENAI_VAD_THRESHOLD", 0.5, s.number(0, 1), "server VAD activation threshold")
+    vad_prefix_ms: int = setting("OPENAI_VAD_PREFIX_MS", 300, s.integer(0, 5000), "audio kept before speech starts")
+    vad_silence_ms: int = setting("OPENAI_VAD_SILENCE_MS", 500, s.integer(100, 5000),
+                                  "silence that ends the caller's turn")
 
 
 @dataclass(frozen=True)
 class ProvidersConfig:
+    cloud_connect_timeout: float = setting(
+        "CLOUD_CONNECT_TIMEOUT", 10.0, s.number(0.5, 120),
+        "seconds a cloud provider's WebSocket may take to open before the call goes back to the dialplan")
     local: LocalProviderConfig = field(default_factory=LocalProviderConfig)
     deepgram: DeepgramConfig = field(default_factory=DeepgramConfig)
     openai_realtime: OpenAIRealtimeConfig = field(default_factory=OpenAIRealtimeConfig)

@@ -197,6 +197,20 @@ def http_url(require_path_suffix: str = "") -> Parser:
     return parse
 
 
+def websocket_url(raw: Any) -> str:
+    value = text(raw).strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError("expected a wss:// (or ws://) URL")
+    try:
+        parts.port  # noqa: B018 - validates the port number
+    except ValueError:
+        raise ValueError("the URL has an invalid port") from None
+    if parts.fragment:
+        raise ValueError("the URL must not carry a fragment")
+    return value
+
+
 def ollama_host(raw: Any) -> str:
     """OLLAMA_HOST as the ollama client accepts it: a URL, or host[:port] (http://, port 11434 implied)."""
     value = text(raw).strip().rstrip("/")
