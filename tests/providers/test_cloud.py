@@ -10,7 +10,9 @@ import pytest_twisted
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import reactor
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import ServerFactory as PlainServerFactory
 
 from tests.calls.simstack import until
 from tests.helpers import free_port
@@ -53,14 +55,20 @@ class Server(WebSocketServerProtocol):
             self.sendMessage(b"not json", isBinary=False)
 
 
+class ServerFactory(WebSocketServerFactory):
+    seen: list[Any]
+    peers: list[Server]
+    url: str
+
+
 @pytest.fixture
 def server() -> Any:
-    factory = WebSocketServerFactory()
+    factory = ServerFactory()
     factory.protocol = Server
     factory.seen = []
     factory.peers = []
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    factory.url = f"ws://127.0.0.1:{port.getHost().port}/v1/agent"
+    factory.url = f"ws://127.0.0.1:{port.getHost().port}/v1/agent"  # type: ignore[attr-defined]
     yield factory
     for peer in factory.peers:
         peer.dropConnection(abort=True)
@@ -73,11 +81,11 @@ async def test_frames_both_ways_and_a_close_by_the_server(server: Any) -> None:
     socket = await connect(reactor, "Fake", server.url, {"Authorization": "Token good"}, listener, 5)
     socket.send_json({"type": "Hello", "n": 1})
     socket.send_audio(b"\x01\x02\x03")
-    await until(lambda: listener.messages and listener.frames, what="the replies")
+    await until(lambda: bool(listener.messages and listener.frames), what="the replies")
     assert listener.messages == [{"type": "Echo", "got": {"type": "Hello", "n": 1}}], "the non-JSON frame is dropped"
     assert listener.frames == [b"\x03\x02\x01"]
     socket.send_json({"type": "Bye"})
-    await until(lambda: listener.losses, what="the loss")
+    await until(lambda: bool(listener.losses), what="the loss")
     assert listener.losses == ["Fake closed the connection: bye"]
 
 
@@ -103,14 +111,18 @@ async def test_nothing_listening() -> None:
         await connect(reactor, "Fake", url, {}, Listener(), 5)
 
 
+class Silent(PlainServerFactory):
+    protocol = Protocol  # accepts the TCP connection, never answers the upgrade
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_server_that_never_upgrades_times_out() -> None:
-    silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
-    url = f"ws://127.0.0.1:{silent.getHost().port}/"
+    silent = reactor.listenTCP(0, Silent(), interface="127.0.0.1")
+    url = f"ws://127.0.0.1:{silent.getHost().port}/"  # type: ignore[attr-defined]
     try:
         started = reactor.seconds()
         with pytest.raises(ProviderError, match=r"Fake did not answer within 0\.3s"):
             await connect(reactor, "Fake", url, {}, Listener(), 0.3)
         assert reactor.seconds() - started < 2
     finally:
-        await silent.stopListening()
+        await maybeDeferred(silent.stopListening)
