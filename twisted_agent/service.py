@@ -43,9 +43,15 @@ class AgentService(MultiService):
         self.config = config
         self.reactor = reactor
         self.registry = CallRegistry(reactor, max_calls=config.calls.max_calls)
+        from twisted_agent.providers.deepgram import DeepgramFactory
         from twisted_agent.providers.local.pipeline import make_local_factory
+        from twisted_agent.providers.openai_realtime import RealtimeFactory
 
-        self.providers = ProviderCatalog(config, {"local": make_local_factory(reactor, config)}, clock=reactor)
+        self.providers = ProviderCatalog(config, {
+            "local": make_local_factory(reactor, config),
+            "deepgram": DeepgramFactory(reactor, config),
+            "openai_realtime": RealtimeFactory(reactor, config),
+        }, clock=reactor)
         self.store = make_store(reactor, config.store)
         # first child: stopped last, after the drain's call records are handed to it
         store_service = StoreService(self.store)

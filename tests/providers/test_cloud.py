@@ -126,3 +126,33 @@ async def test_a_server_that_never_upgrades_times_out() -> None:
         assert reactor.seconds() - started < 2
     finally:
         await maybeDeferred(silent.stopListening)
+
+
+def test_continuous_audio_fills_gaps_with_silence_and_passes_frames_through() -> None:
+    from twisted.internet.task import Clock
+
+    from twisted_agent.providers.cloud import ContinuousAudio
+
+    clock = Clock()
+    clock.advance(100)
+    sent: list[bytes] = []
+    audio = ContinuousAudio(clock, sent.append)
+    audio.start()
+    voice = b"\x01\x00" * 160
+    for _ in range(10):  # 200 ms of speech, a frame every 20 ms: nothing added
+        audio.push(voice)
+        clock.advance(0.02)
+    assert sent == [voice] * 10
+    clock.advance(0.5)  # the caller is quiet and Asterisk sends nothing (a Local channel)
+    silence = sent[10:]
+    assert silence and set(silence) == {b"\x00" * 320}
+    assert 20 <= len(silence) <= 25, "about 500 ms of silence, in 20 ms frames"
+    count = len(sent)
+    audio.push(voice)  # speech again: sent at once, after whatever silence was still owed
+    assert sent[-1] == voice and len(sent) - count <= 6
+    assert audio.filled_frames == len(sent) - 11
+    audio.stop()
+    stopped = len(sent)
+    clock.advance(1)
+    assert len(sent) == stopped, "stopped: no more silence"
+    assert not clock.getDelayedCalls()

@@ -154,3 +154,58 @@ async def _connect(reactor: Any, service: str, url: str, headers: dict[str, str]
 def _where(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+class ContinuousAudio:
+    """Keeps the caller's audio to a cloud agent continuous, filling gaps with silence.
+
+    Asterisk forwards nothing while a Local channel's caller is quiet (PROTOCOLS §6), and a phone
+    may use silence suppression; but a cloud agent finds the end of the caller's turn in the audio
+    it receives (Deepgram's endpointing, OpenAI's server VAD count silence in audio time). Without
+    audio the turn would never end and the caller would wait in silence. So when no frame came for
+    ``gap`` seconds, the silence that should have come is sent, a check every ``gap`` seconds.
+    """
+
+    def __init__(self, clock: IReactorTime, send: Any, frame_bytes: int = 320, frame_seconds: float = 0.02,
+                 gap: float = 0.1) -> None:
+        self._clock = clock
+        self._send = send
+        self._silence = b"\x00" * frame_bytes
+        self._frame_seconds = frame_seconds
+        self._gap = gap
+        #: the time up to which the far end has been sent audio
+        self._until = 0.0
+        self._timer: Any = None
+        self.filled_frames = 0
+
+    def start(self) -> None:
+        self._until = self._clock.seconds()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        self._timer = self._clock.callLater(self._gap, self._check)
+
+    def push(self, frame: bytes) -> None:
+        now = self._clock.seconds()
+        if self._timer is not None:
+            self._fill(now - self._frame_seconds)
+        self._until = max(self._until, now - self._frame_seconds) + self._frame_seconds
+        self._send(frame)
+
+    def _check(self) -> None:
+        self._fill(self._clock.seconds())
+        self._schedule()
+
+    def _fill(self, up_to: float) -> None:
+        missing = int((up_to - self._until) / self._frame_seconds)
+        if missing < 2:  # a late frame or two is jitter, not a gap
+            return
+        for _ in range(missing):
+            self._send(self._silence)
+        self.filled_frames += missing
+        self._until += missing * self._frame_seconds
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None

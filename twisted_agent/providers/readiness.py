@@ -3,7 +3,8 @@
 Each provider reports readiness with a one-line fix, shown in /health and by ``ai-agent check``.
 Without a running engine (``ai-agent check``) the local pipeline reports whether its libraries and
 models are installed; the engine replaces that with the pipeline's own factory, which reports the
-loaded models. A provider whose adapter is not built yet says so: it is never reported ready.
+loaded models. The cloud providers are ready when their API key is set; whether the service
+answers is found out per call (a call whose provider cannot connect goes back to the dialplan).
 """
 
 from __future__ import annotations
@@ -26,20 +27,16 @@ def _local(config: AgentConfig) -> ProviderReadiness:
     return installed_readiness(config)
 
 
-def _cloud(name: str, title: str, key_env: str, api_key: str) -> ProviderReadiness:
-    if not api_key:
-        return ProviderReadiness(name, False, f"{key_env} is not set",
-                                 f"set {key_env} in the service's EnvironmentFile", implemented=False)
-    return ProviderReadiness(name, False, f"{title} adapter is not built yet",
-                             "API key present; nothing to do until the adapter lands", implemented=False)
-
-
 def _deepgram(config: AgentConfig) -> ProviderReadiness:
-    return _cloud("deepgram", "Deepgram Voice Agent", "DEEPGRAM_API_KEY", config.providers.deepgram.api_key)
+    from twisted_agent.providers.deepgram import DeepgramFactory
+
+    return DeepgramFactory(None, config).readiness()
 
 
 def _openai_realtime(config: AgentConfig) -> ProviderReadiness:
-    return _cloud("openai_realtime", "OpenAI Realtime", "OPENAI_API_KEY", config.providers.openai_realtime.api_key)
+    from twisted_agent.providers.openai_realtime import RealtimeFactory
+
+    return RealtimeFactory(None, config).readiness()
 
 
 CHECKS: dict[str, Callable[[AgentConfig], ProviderReadiness]] = {
