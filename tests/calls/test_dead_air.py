@@ -52,8 +52,8 @@ def test_a_slow_reply_gets_the_filler_which_stops_the_moment_the_reply_is_ready(
     call.provider.think_ms = 1300  # the reply is ready 1.3 s after the turn ended: 1.8 s after the last word
     quiet_caller_turn(rig)
     assert call.state == "thinking"
-    speech_end = call._turn_marks["speech_end"]
-    turn_end = call._turn_marks["turn_end"]
+    speech_end = call.turn_clock.marks["speech_end"]
+    turn_end = call.turn_clock.marks["turn_end"]
     before = len(rig.udp.written)
     rig.advance(speech_end + 1.2 - rig.clock.seconds() - 0.02)
     assert len(rig.udp.written) == before and not call.fillers, "nothing before the 1.2 s budget"
@@ -234,7 +234,7 @@ def test_file_mode_talk_pauses_the_reply_and_a_backchannel_lets_it_go_on_from_wh
     call = rig.answered_call()
     play = next(r for r in rig.ari.requests if r[0] == "play")
     playing(rig, play)
-    assert call.talk.on and call.state == "speaking"
+    assert call.voice.talk.on and call.state == "speaking"
     rig.advance(0.5)
     talking(rig, True)
     assert ("stop_playback", play[3]) in rig.ari.requests, "the file stops at once: the caller's voice comes through"
@@ -303,9 +303,9 @@ def test_streaming_that_fails_mid_reply_goes_on_with_file_playback(tmp_path: Pat
     assert abs(rig.engine._playbacks[plays[0][3]]._queued[plays[0][3]][2] - unsent_ms) <= 20, \
         "the file holds exactly what had not been sent: nothing lost, nothing twice"
     talk = [r for r in rig.ari.requests if r[0] == "set_variable"]
-    assert talk == [("set_variable", CALLER, "TALK_DETECT(set)", f"100,{call.talk.threshold.value}")], \
+    assert talk == [("set_variable", CALLER, "TALK_DETECT(set)", f"100,{call.voice.talk.threshold.value}")], \
         "barge-in goes on too (deaf to the echo of the rest of the greeting)"
-    assert call.talk.threshold.value > 256
+    assert call.voice.talk.threshold.value > 256
     rig.playback_done(call)
     rig.advance(0.3)
     assert call.state == "listening"

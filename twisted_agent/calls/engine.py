@@ -26,6 +26,7 @@ from twisted_agent.ari import events as ev
 from twisted_agent.ari.errors import ARIError, ARINotFound
 from twisted_agent.calls.call import Call
 from twisted_agent.calls.comfort import comfort_tone, load_filler, ringback_tone
+from twisted_agent.calls.handback import continue_in_dialplan
 from twisted_agent.calls.playback import ENCODERS, FILE_PREFIX, FilePlayer, StreamPlayer, sweep, write_atomically
 from twisted_agent.calls.record import hangup_cause, history_record, live_record, refused_record
 from twisted_agent.calls.registry import CallRegistry, Refusal
@@ -176,7 +177,8 @@ class CallEngine(Service):
             self.outcomes["refused"] += 1
             self.log.info("call {call_id} from {caller} not taken ({reason}): back to the dialplan",
                           call_id=channel.id, caller=channel.caller.number, reason=refusal.reason)
-            call._continue("refused").addErrback(lambda f: None)  # not answered: the dialplan goes on
+            # not answered: the dialplan goes on
+            continue_in_dialplan(self.ari, self.config.calls, channel.id, "refused").addErrback(lambda f: None)
             self.store.call_finished(refused_record(self, channel, refusal.reason))
             return
         self.calls[channel.id] = call

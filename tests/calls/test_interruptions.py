@@ -1,0 +1,177 @@
+"""Interruptions on task.Clock with a fake session and players: the agent's voice ducks under the caller's,
+comes back after a backchannel, stops for a barge-in; in file mode the file pauses for Asterisk's talk
+detection and resumes, or the talk is confirmed as an interruption."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+
+from twisted_agent.calls.interruptions import Interruptions
+from twisted_agent.calls.playback import FilePlayer, StreamPlayer
+
+
+class Detector:
+    last_voiced_at: float | None = None
+
+
+class Echo:
+    def __init__(self) -> None:
+        self.caller = True  # what the echo check says of a voiced frame
+
+    def is_caller(self, pcm: bytes, now: float) -> bool:
+        return self.caller
+
+
+class Session:
+    def __init__(self) -> None:
+        self.detector, self.echo, self.gain = Detector(), Echo(), 1.0
+
+
+class Streaming(StreamPlayer):
+    def __init__(self) -> None:  # (no media session behind it)
+        pass
+
+
+class Files(FilePlayer):
+    def __init__(self) -> None:  # (no ARI behind it)
+        self.paused = False
+        self.resumed = 0
+
+    def pause(self) -> Deferred[None]:
+        self.paused = True
+        return succeed(None)
+
+    def resume(self) -> None:
+        self.paused = False
+        self.resumed += 1
+
+
+class Rig:
+    def __init__(self, player: Any) -> None:
+        self.clock = Clock()
+        self.clock.advance(10)
+        self.session, self.player, self.frames = Session(), player, 0
+        self.counts: Counter[str] = Counter()
+        self.confirmed = 0
+        self.interruptions = Interruptions(
+            self.clock, "c1", min_ms=120, duck_db=12.0, session=lambda: self.session, player=lambda: self.player,
+            frames_heard=lambda: self.frames, count=lambda what: self.counts.update([what]), confirmed=self.confirm)
+
+    def confirm(self) -> None:
+        self.confirmed += 1
+
+    def frame(self, voiced: bool, n: int = 1) -> list[bool]:
+        """``n`` caller frames 20 ms apart, the VAD's verdict on each given; what frame() said of each."""
+        said = []
+        for _ in range(n):
+            self.clock.advance(0.02)
+            self.frames += 1
+            if voiced:
+                self.session.detector.last_voiced_at = self.clock.seconds()
+            said.append(self.interruptions.frame(bytes([self.frames % 256]) * 320))
+        return said
+
+
+def count(rig: Rig, what: str) -> int:
+    return rig.counts[what]
+
+
+def make(player: Any) -> Rig:
+    return Rig(player)
+
+
+def test_the_caller_talking_over_a_stream_ducks_it_then_takes_the_floor_from_their_first_syllable() -> None:
+    rig = make(Streaming())
+    rig.frame(False, 3)
+    assert rig.session.gain == 1.0
+    said = rig.frame(True, 5)
+    assert said == [False] * 5 and abs(rig.session.gain - 10 ** (-12 / 20)) < 1e-9 and count(rig, "ducks") == 1
+    assert rig.frame(True) == [True], "120 ms of the caller's voice: interrupt"
+    frames = rig.interruptions.caller_took_floor()
+    assert [f[0] for f in frames] == [4, 5, 6, 7, 8, 9], "the frames from the onset, nothing before"
+    assert rig.session.gain == 1.0 and not rig.interruptions.detector.armed
+
+
+def test_the_agents_own_echo_never_interrupts_nor_ducks() -> None:
+    rig = make(Streaming())
+    rig.session.echo.caller = False
+    assert rig.frame(True, 50) == [False] * 50
+    assert rig.session.gain == 1.0 and count(rig, "ducks") == 0
+
+
+def test_a_backchannel_brings_the_voice_back() -> None:
+    rig = make(Streaming())
+    rig.frame(True, 3)
+    assert rig.session.gain < 1.0
+    rig.frame(False, 6)
+    assert rig.session.gain == 1.0 and count(rig, "backchannels") == 1
+
+
+def test_without_frames_the_clock_ends_a_backchannel_and_the_end_of_the_reply_hands_over_what_was_heard() -> None:
+    rig = make(Streaming())
+    rig.frame(True, 2)
+    rig.clock.advance(0.2)  # a silent Local channel sends nothing
+    rig.interruptions.voice_stopped()
+    assert count(rig, "backchannels") == 1 and rig.session.gain == 1.0
+    assert rig.interruptions.agent_done() is None, "nobody speaking: no turn to start"
+    rig.frame(True, 2)
+    frames = rig.interruptions.agent_done()
+    assert frames is not None and len(frames) == 2 and rig.session.gain == 1.0
+
+
+def test_ducking_is_for_streams_only() -> None:
+    rig = make(Files())
+    rig.frame(True, 3)
+    assert rig.session.gain == 1.0 and count(rig, "ducks") == 0
+
+
+def test_talk_over_a_file_pauses_it_and_a_short_talk_resumes_it() -> None:
+    player = Files()
+    rig = make(player)
+    rig.frames = 40
+    rig.interruptions.talk_started()
+    assert player.paused and rig.interruptions.paused_at == 40
+    rig.interruptions.talk_started()  # Asterisk says it again: one pause, one confirmation pending
+    rig.interruptions.talk_finished(60)
+    assert not player.paused and player.resumed == 1 and count(rig, "backchannels") == 1
+    rig.clock.advance(1)
+    assert rig.confirmed == 0
+
+
+def test_talk_still_going_with_nothing_on_the_media_leg_is_an_interruption() -> None:
+    player = Files()
+    rig = make(player)
+    rig.interruptions.talk_started()
+    rig.clock.advance(0.219)
+    assert rig.confirmed == 0
+    rig.clock.advance(0.002)  # BARGE_IN_MIN_MS + SILENCE_MS
+    assert rig.confirmed == 1 and player.paused
+
+
+def test_when_the_callers_audio_reached_us_the_detector_judges_not_asterisk() -> None:
+    player = Files()
+    rig = make(player)
+    rig.interruptions.talk_started()
+    rig.session.echo.caller = False  # what came was the agent's echo
+    rig.frame(True, 3)
+    rig.clock.advance(1)
+    assert rig.confirmed == 0 and player.paused
+    rig.interruptions.talk_finished(1000)
+    assert not player.paused and count(rig, "backchannels") == 1, "the reply goes on from where it paused"
+
+
+def test_a_barge_in_or_the_end_of_the_call_cancels_the_pending_confirmation() -> None:
+    for finish in ("caller_took_floor", "close"):
+        rig = make(Files())
+        rig.interruptions.talk_started()
+        getattr(rig.interruptions, finish)()
+        rig.clock.advance(1)
+        assert rig.confirmed == 0, finish
+    streaming = make(Streaming())
+    streaming.interruptions.talk_started()
+    streaming.clock.advance(1)
+    assert streaming.confirmed == 0, "a stream is never paused for Asterisk's talk detection"

@@ -1,0 +1,155 @@
+"""Caller speech while the agent has the floor: its echo, a backchannel, or an interruption.
+
+The call hands over every caller frame that arrives while the agent has the floor (:meth:`frame`).
+Each is judged voice or not (the VAD's verdict, then media/echo.py: not the agent's own voice coming
+back) and fed to the barge-in detector (calls/bargein.py). While the detector hears the caller, the
+agent's streamed voice is ducked; when the caller stops too soon it comes back (a backchannel);
+when the caller goes on, :meth:`frame` says the barge-in is due and the call hands them the floor.
+
+File mode adds Asterisk's talk detection (calls/talkdetect.py): on ``ChannelTalkingStarted`` the
+file is paused at once so the caller's voice reaches the media leg and is judged as above; a
+backchannel resumes the file from where it stopped. When no audio reaches the media leg at all,
+Asterisk's own measure decides: talk still going ``BARGE_IN_MIN_MS + SILENCE_MS`` after it started
+is an interruption (``confirmed``).
+
+Plain logic on a clock; the call owns the session, the player and the state machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from twisted_agent.calls.bargein import BargeInDetector
+from twisted_agent.calls.playback import FilePlayer, StreamPlayer
+from twisted_agent.calls.talkdetect import SILENCE_MS as TALK_SILENCE_MS
+from twisted_agent.calls.timer import Timer
+
+#: the VAD judged a frame just before the call hands it over: voiced if its last voiced frame is this one
+_SAME_FRAME_S = 0.015
+
+
+class Interruptions:
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, call_id: str, *, min_ms: int, duck_db: float,
+                 session: Callable[[], Any], player: Callable[[], Any], frames_heard: Callable[[], int],
+                 count: Callable[[str], None], confirmed: Callable[[], None]) -> None:
+        self._clock = clock
+        self.call_id = call_id
+        self.detector = BargeInDetector(min_ms)
+        self._min_ms = min_ms
+        self._duck_gain = 10 ** (-duck_db / 20)
+        self._session = session
+        self._player = player
+        self._frames_heard = frames_heard
+        self._count = count
+        self._confirmed = confirmed
+        #: the file was paused for the caller's talk (at this count of inbound frames); None: not paused
+        self.paused_at: int | None = None
+        self._talk_timer = Timer(clock)
+
+    # --- stream mode (and file mode once the file is paused) -------------------------------------
+
+    def frame(self, frame: bytes) -> bool:
+        """A caller frame while the agent has the floor: True when the caller interrupts now."""
+        now = self._clock.seconds()
+        session = self._session()
+        last_voiced = session.detector.last_voiced_at
+        voice = last_voiced is not None and now - last_voiced < _SAME_FRAME_S
+        if voice and not session.echo.is_caller(self.detector.recent(1) + frame, now):
+            voice = False  # the agent's own voice coming back on the line, or line noise
+        if self.detector.frame(frame, now, voice):
+            self._backchannel()
+        if self.detector.due():
+            return True
+        self.duck(self.detector.armed)
+        return False
+
+    def voice_stopped(self) -> None:
+        """No frame may come to end the caller's voice (a silent Local channel): ask the clock."""
+        if self.detector.expire(self._clock.seconds()):
+            self._backchannel()
+
+    def duck(self, duck: bool) -> None:
+        """Stream mode: the caller may be interrupting: the agent's voice drops at once (and comes
+        back if it was only a backchannel)."""
+        session = self._session()
+        if session is None:
+            return
+        gain = self._duck_gain if duck and isinstance(self._player(), StreamPlayer) else 1.0
+        if session.gain != gain:
+            session.gain = gain
+            if duck:
+                self._count("ducks")
+
+    def _backchannel(self) -> None:
+        """The caller's voice over the agent stopped too soon to interrupt: the agent goes on (from
+        where it paused, in file mode)."""
+        self.duck(False)
+        if not self._resume():
+            self._count("backchannels")
+
+    def agent_done(self) -> list[bytes] | None:
+        """The agent's reply is over: the caller's voice still being judged (the frames from its
+        onset) starts their turn; None when there is none."""
+        self.voice_stopped()
+        self.duck(False)
+        armed = self.detector.armed
+        frames = self.detector.take()
+        return frames if armed else None
+
+    def caller_took_floor(self) -> list[bytes]:
+        """The caller interrupts: the frames from their onset (their turn's start); all is reset."""
+        frames = self.detector.take()
+        self._talk_timer.cancel()
+        self.paused_at = None
+        self.duck(False)
+        return frames
+
+    # --- file mode: Asterisk's talk detection -------------------------------------------------
+
+    def talk_started(self) -> None:
+        """Asterisk heard the caller over a file: the file stops at once. Asterisk passes the caller's
+        voice to the media leg only while no file plays, and the new turn must start with their
+        first syllable."""
+        player = self._player()
+        if not isinstance(player, FilePlayer):
+            return
+        if not player.paused:
+            self.paused_at = self._frames_heard()
+            player.pause().addErrback(
+                lambda f: self.log.failure("call {call_id}: pausing the reply failed", f, call_id=self.call_id))
+        if not self._talk_timer.pending:
+            self._talk_timer.start((self._min_ms + TALK_SILENCE_MS) / 1000, self._talk_confirmed)
+
+    def talk_finished(self, duration_ms: int) -> None:
+        self._talk_timer.cancel()
+        if self._resume():
+            self.log.debug("call {call_id}: {ms} ms of talk over the reply: going on", call_id=self.call_id,
+                           ms=duration_ms)
+
+    def _resume(self) -> bool:
+        """The talk that paused the file was not an interruption: play on (counted as a backchannel)."""
+        player = self._player()
+        if self.paused_at is None or not isinstance(player, FilePlayer) or not player.paused:
+            return False
+        self.paused_at = None
+        self.detector.reset()  # the file suspends the caller again: no frame will end what it was judging
+        self._count("backchannels")
+        player.resume()
+        return True
+
+    def _talk_confirmed(self) -> None:
+        """BARGE_IN_MIN_MS of talk by Asterisk's measure. When the caller's audio reached us since the
+        pause, the detector has judged it (and not found a voice): Asterisk's measure is only for a
+        media leg that carries nothing."""
+        if self.paused_at is not None and self._frames_heard() > self.paused_at:
+            return
+        self._confirmed()
+
+    def close(self) -> None:
+        self._talk_timer.cancel()
