@@ -123,7 +123,7 @@ def test_streaming_that_fails_goes_on_with_files_from_what_was_not_sent(tmp_path
     assert voice.talk.threshold.value > 256, "talk detection is kept deaf to the echo of what is to play"
 
 
-def test_talk_detection_is_for_file_playback_with_engine_turn_taking(tmp_path: Path) -> None:
+def test_talk_detection_is_for_file_playback(tmp_path: Path) -> None:
     def enabled(player: Any, turn_taking: bool, **env: str) -> bool:
         v = Voice(tmp_path, **env)
         v.voice.player = player(v) if callable(player) else player
@@ -135,6 +135,9 @@ def test_talk_detection_is_for_file_playback_with_engine_turn_taking(tmp_path: P
         return v.voice.player
 
     assert enabled(files, True)
-    assert not enabled(files, False), "a provider that takes turns itself"
+    # a cloud agent cannot hear the caller over a file, and interrupts itself whatever BARGE_IN says
+    assert enabled(files, False), "a provider that takes turns itself"
+    assert enabled(files, False, BARGE_IN="false")
     assert not enabled(files, True, BARGE_IN="false")
     assert not enabled(FakePlayer(), True), "streams need no talk detection"
+    assert not enabled(FakePlayer(), False)

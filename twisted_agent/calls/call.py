@@ -56,8 +56,7 @@ class Call:
         self.states = CallStates(self._entered)
         self.provider_name = self.config.calls.default_provider
         self.context_name = self.config.calls.default_context
-        #: where the provider and context came from: "default", "channel variable" or "context"
-        self.provider_source = self.context_source = "default"
+        self.provider_source = self.context_source = "default"  # or "channel variable", "context"
         self.context = self.config.contexts[self.context_name]
         self.session_uuid = uuid.uuid4()
         self.leg = MediaLeg(engine, self.call_id, self.session_uuid)
@@ -68,10 +67,8 @@ class Call:
                                 on_heard=self._reply_heard)
         self.ended: Deferred[str] = Deferred()
         self.end_reason = ""
-        #: how the call ended (one of calls.record.OUTCOMES; set by finish() unless set before)
-        self.outcome = ""
-        #: Asterisk's hang-up cause text, when the caller's side ended the call
-        self.hangup_cause = ""
+        self.outcome = ""  # how it ended (calls.record.OUTCOMES): set by finish() unless set before
+        self.hangup_cause = ""  # Asterisk's cause text, when the caller's side ended the call
         self.conversation: list[tuple[str, str]] = []  # (speaker, text), turn by turn
         self.started_at = self.reactor.seconds()
         self._turn: Deferred[Any] | None = None
@@ -407,7 +404,24 @@ class Call:
         self.engine.call_changed(self)
 
     def user_speech_started(self) -> None:
-        pass  # barge-in for providers that detect speech themselves: the streaming work builds on this
+        """A cloud agent heard the caller begin: its judgement (echo, noise) is the barge-in decision."""
+        if self.provider is not None and not self._failing and self._finishing is None:
+            self.inactivity.caller_active()
+            if self.agent_has_floor:
+                self._silence_agent("the provider heard the caller")
+
+    def _silence_agent(self, why: str) -> None:
+        """Barge-in for providers that take turns themselves: stop the agent's audio at once and tell
+        the provider what the caller heard of each utterance (OpenAI truncates its item to it)."""
+        self.barge_ins.append(self.reactor.seconds())
+        self.engine.count("barge_ins")
+        self.log.info("call {call_id}: barge-in ({why})", call_id=self.call_id, why=why)
+        self.voice.cancel_guard()
+        self.comfort.forget()
+        stopping = self.voice.stop(self.voice.cut_off_open())
+        self.states.caller_took_floor()
+        stopping.addCallback(self.provider.interrupt).addErrback(
+            lambda f: self.log.failure("call {call_id}: stopping the agent's audio failed", f, call_id=self.call_id))
 
     def agent_text(self, text: str, utterance_id: str) -> None:
         self.transcript_append("agent", text)
@@ -427,23 +441,21 @@ class Call:
         self._player_idle()
 
     def tool_request(self, name: str, arguments: dict[str, Any]) -> Deferred[ToolResult]:
-        if name == "hangup":
-            self._after_speaking(lambda: self.finish("agent hung up", caller="hangup"))
-            return succeed(ToolResult(True, "the call ends after the current reply"))
-        if name == "transfer":
-            self._after_speaking(lambda: self.finish("transferred", caller="transfer"))
-            return succeed(ToolResult(True, "transferring after the current reply"))
-        return succeed(ToolResult(False, f"unknown tool {name!r}"))
+        ends = {"hangup": ("agent hung up", "the call ends"), "transfer": ("transferred", "transferring")}
+        if name not in ends:
+            return succeed(ToolResult(False, f"unknown tool {name!r}"))
+        reason, result = ends[name]
+        self._after_speaking(lambda: self.finish(reason, caller="hangup" if name == "hangup" else "transfer"))
+        return succeed(ToolResult(True, f"{result} after the current reply"))
 
     def timing(self, stage: str, ms: float) -> None:
         self.turn_clock.provider_stage(stage, ms)
 
     def error(self, message: str, fatal: bool) -> None:
         if fatal:
-            self.fail(f"provider {self.provider_name}: {message}")
-        else:
-            self.log.warn("call {call_id}: provider {provider}: {message}", call_id=self.call_id,
-                          provider=self.provider_name, message=message)
+            return self.fail(f"provider {self.provider_name}: {message}")
+        self.log.warn("call {call_id}: provider {provider}: {message}", call_id=self.call_id,
+                      provider=self.provider_name, message=message)
 
     # --- the agent's audio reaching the caller --------------------------------------------------
 
@@ -484,6 +496,10 @@ class Call:
         """Asterisk heard the caller over a file (see calls/talkdetect.py and calls/interruptions.py)."""
         if not self.agent_has_floor:
             self.inactivity.caller_active()
+        elif not self.provider.wants_turn_taking:
+            # the cloud agent cannot hear the caller while a file plays (Asterisk takes them out of
+            # the bridge): Asterisk's talk detection, set above the agent's own echo, is the barge-in
+            self._silence_agent("Asterisk heard the caller over the reply")
         elif self.voice.talk.on:
             self.interruptions.talk_started()
 

@@ -67,7 +67,8 @@ class AgentVoice:
     async def detect_talking(self, turn_taking: bool) -> None:
         """File mode: Asterisk takes the caller out of the bridge while it plays a file to them, so
         their voice does not reach the media leg; its talk detection still hears them (barge-in)."""
-        if isinstance(self.player, FilePlayer) and self._config.calls.barge_in and turn_taking:
+        if isinstance(self.player, FilePlayer) and (self._config.calls.barge_in or not turn_taking):
+            # (a cloud agent interrupts itself when it hears the caller, whatever BARGE_IN says)
             await self.talk.enable()
 
     def play(self, pcm: bytes, rate: int, utterance_id: str) -> None:
