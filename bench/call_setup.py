@@ -55,20 +55,27 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
 
 
-async def one_call(reactor: Any, sim: AsteriskSimulator, service: AgentService, pause_s: float) -> tuple[float, float]:
+async def greeted(reactor: Any, sim: AsteriskSimulator, service: AgentService) -> tuple[Any, Any, float]:
+    """A call, once its greeting has played out: (caller, call, StasisStart -> greeting heard in s)."""
     rang = reactor.seconds()  # the simulator sends StasisStart as it originates
     caller = sim.originate(APP)
     await caller.answered
     await until(reactor, lambda: caller.first_heard_at() is not None, 10, "the greeting")
     heard = caller.first_heard_at()
     assert heard is not None
-    setup = heard - rang
     call = service.engine.calls[caller.channel_id]
     await until(reactor, lambda: call.state == "listening", 10, "the greeting to end")
+    return caller, call, heard - rang
+
+
+async def one_call(reactor: Any, sim: AsteriskSimulator, service: AgentService, pause_s: float) -> tuple[float, float]:
+    caller, call, setup = await greeted(reactor, sim, service)
+    origin = caller.answered_at  # heard_segments() count from here
+    assert origin is not None
     await caller.say(SPEECH)
     before = len(caller.heard_segments())
     await until(reactor, lambda: len(caller.heard_segments()) > before, 10, "the answer")
-    answered = caller.heard_segments()[before][0] + (caller.answered_at or rang)
+    answered = caller.heard_segments()[before][0] + origin
     # the caller's speech ended at its last voiced frame, which the engine timed: use that moment
     speech_end = call.turns.speech_ended_at
     assert speech_end is not None
@@ -150,15 +157,7 @@ class Marks:
 
 
 async def cloud_call(reactor: Any, sim: AsteriskSimulator, service: AgentService, marks: Marks) -> tuple[float, float]:
-    rang = reactor.seconds()
-    caller = sim.originate(APP)
-    await caller.answered
-    await until(reactor, lambda: caller.first_heard_at() is not None, 10, "the greeting")
-    heard = caller.first_heard_at()
-    assert heard is not None
-    setup = heard - rang
-    call = service.engine.calls[caller.channel_id]
-    await until(reactor, lambda: call.state == "listening", 10, "the greeting to end")
+    caller, _, setup = await greeted(reactor, sim, service)
     marks.clear()
     before = len(caller.heard_segments())
     await caller.say(SPEECH)

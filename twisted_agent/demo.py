@@ -138,8 +138,8 @@ async def run_demo(reactor: Any, config: AgentConfig, out: Any, wav_path: str = 
         answered = caller.answered
         await until(reactor, lambda: answered.called or caller.ended.called, 30, "the agent to answer")
         if not answered.called:
-            reason = service.engine.finished[-1]["end_reason"] if service.engine.finished else caller.end_reason
-            out.write(f"the agent did not answer: {reason}\n")
+            record = await service.engine.store.get_call(caller.channel_id)
+            out.write(f"the agent did not answer: {record['end_reason'] if record else caller.end_reason}\n")
             return 1
         await until(reactor, lambda: caller.first_heard_at() is not None, 10, "the greeting")
         greeting_at = caller.first_heard_at()
@@ -147,7 +147,8 @@ async def run_demo(reactor: Any, config: AgentConfig, out: Any, wav_path: str = 
         engine = service.engine
         call = engine.calls.get(caller.channel_id)
         if call is None:
-            out.write(f"the call did not start: {engine.finished[-1]['end_reason'] if engine.finished else '?'}\n")
+            record = await engine.store.get_call(caller.channel_id)
+            out.write(f"the call did not start: {record['end_reason'] if record else '?'}\n")
             return 1
         out.write(f"\n  call {call.call_id} from {call.caller_number}: provider {call.provider_name}, "
                   f"context {call.context_name}\n")

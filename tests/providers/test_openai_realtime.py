@@ -48,8 +48,8 @@ def _item_of(events: RecordingEvents) -> str:
     return str(events.of("audio")[-1][0])
 
 
-@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("api", APIS)
+@pytest_twisted.ensureDeferred
 async def test_start_sends_a_session_update_of_its_family_and_waits_for_session_updated(
         fake: FakeRealtime, api: str) -> None:
     provider, events = await started(fake, api, system_prompt="Be brief.", language="de")
@@ -97,9 +97,9 @@ async def test_start_fires_only_after_session_updated(fake: FakeRealtime, monkey
     await finished(provider, fake)
 
 
-@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("audio", ["pcmu", "pcm16"])
+@pytest_twisted.ensureDeferred
 async def test_greeting_then_a_caller_turn(fake: FakeRealtime, api: str, audio: str) -> None:
     provider, events = await started(fake, api, audio, greeting="Hi there caller")
     await wait_for(lambda: sent(fake, "response.create"), what="the greeting's response.create")
@@ -132,8 +132,8 @@ async def test_greeting_then_a_caller_turn(fake: FakeRealtime, api: str, audio: 
     await finished(provider, fake)
 
 
-@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("api", APIS)
+@pytest_twisted.ensureDeferred
 async def test_barge_in_the_server_cancels_and_we_truncate_at_what_was_heard(fake: FakeRealtime, api: str) -> None:
     fake.script = [{"say": LONG}]
     provider, events = await started(fake, api)
@@ -154,8 +154,8 @@ async def test_barge_in_the_server_cancels_and_we_truncate_at_what_was_heard(fak
     await finished(provider, fake)
 
 
-@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("api", APIS)
+@pytest_twisted.ensureDeferred
 async def test_interrupt_cancels_the_response_and_drops_its_late_audio(fake: FakeRealtime, api: str) -> None:
     fake.script = [{"say": LONG}]
     provider, events = await started(fake, api)
@@ -176,8 +176,8 @@ async def test_interrupt_cancels_the_response_and_drops_its_late_audio(fake: Fak
     await finished(provider, fake)
 
 
-@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("audio", ["pcmu", "pcm16"])
+@pytest_twisted.ensureDeferred
 async def test_a_truncate_never_goes_past_the_audio_received(fake: FakeRealtime, audio: str) -> None:
     fake.script = [{"say": LONG}]
     provider, events = await started(fake, "ga", audio)
@@ -191,11 +191,11 @@ async def test_a_truncate_never_goes_past_the_audio_received(fake: FakeRealtime,
     await finished(provider, fake)
 
 
-@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize(("tool", "action", "arguments", "api"), [
     ("hang_up", "hangup", {"reason": "caller is done"}, "ga"),
     ("transfer", "transfer", {"target": "sales"}, "beta"),
 ])
+@pytest_twisted.ensureDeferred
 async def test_a_tool_call_goes_to_the_engine_and_its_result_back_to_the_model(
         fake: FakeRealtime, tool: str, action: str, arguments: dict[str, Any], api: str) -> None:
     fake.script = [{"call": tool, "arguments": arguments}, {"say": "Goodbye then"}]

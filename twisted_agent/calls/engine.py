@@ -28,7 +28,7 @@ from twisted_agent.calls.call import Call
 from twisted_agent.calls.comfort import comfort_tone, load_filler, ringback_tone
 from twisted_agent.calls.handback import continue_in_dialplan
 from twisted_agent.calls.playback import ENCODERS, FILE_PREFIX, FilePlayer, StreamPlayer, sweep, write_atomically
-from twisted_agent.calls.record import hangup_cause, history_record, live_record, refused_record
+from twisted_agent.calls.record import hangup_cause, history_record, live_record
 from twisted_agent.calls.registry import CallRegistry, Refusal
 from twisted_agent.media.codecs import ulaw_decode
 from twisted_agent.store.interfaces import ICallStore
@@ -83,8 +83,6 @@ class CallEngine(Service):
         #: after the filler, while the answer is still not ready
         self.comfort_pcm = comfort_tone() if self.filler_pcm else b""
         self.ringback_pcm = ringback_tone(config.calls.provider_timeout + 5) if config.calls.ringback else b""
-        #: the last 100 history records of this engine's calls (the store keeps the history)
-        self.finished: list[dict[str, Any]] = []
         self.store: ICallStore = store if store is not None else MemoryStore(reactor, config.store)
         self.engine_id: str = self.store.engine_id
         #: finished calls by outcome (calls.record.OUTCOMES), for /metrics
@@ -179,7 +177,9 @@ class CallEngine(Service):
                           call_id=channel.id, caller=channel.caller.number, reason=refusal.reason)
             # not answered: the dialplan goes on
             continue_in_dialplan(self.ari, self.config.calls, channel.id, "refused").addErrback(lambda f: None)
-            self.store.call_finished(refused_record(self, channel, refusal.reason))
+            # the history says so too: the operator asks why a call went unanswered
+            call.outcome, call.end_reason = "refused", f"not taken: engine {refusal.reason}; sent back to the dialplan"
+            self.store.call_finished(history_record(call))
             return
         self.calls[channel.id] = call
         self.counters["calls"] += 1
@@ -252,8 +252,6 @@ class CallEngine(Service):
             del self.calls[call.call_id]
             self._changed.pop(call.call_id, None)
             record = history_record(call)
-            self.finished.append(record)
-            del self.finished[:-100]
             self.outcomes[record["outcome"]] += 1
             self.store.call_finished(record)
             for listener in self.finish_listeners:

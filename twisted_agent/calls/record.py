@@ -72,21 +72,6 @@ def history_record(call: Any) -> dict[str, Any]:
     return record
 
 
-def refused_record(engine: Any, channel: Any, reason: str) -> dict[str, Any]:
-    """A call the engine did not take (full or draining): the history says so, the operator asks."""
-    now = engine.reactor.seconds()
-    return {
-        "call_id": channel.id, "engine_id": engine.engine_id,
-        "caller_number": channel.caller.number, "caller_name": channel.caller.name,
-        "provider": "", "provider_source": "", "context": "", "context_source": "", "state": "ended",
-        "transport": engine.config.media.transport, "downstream_mode": engine.config.media.downstream_mode,
-        "started_at": now, "updated_at": now, "transcript": [], "turns": [], "last_turn": None,
-        "ended_at": now, "duration_s": 0.0, "outcome": "refused",
-        "end_reason": f"not taken: engine {reason}; sent back to the dialplan", "hangup_cause": "", "media": {},
-        "barge_ins": 0, "fillers": 0, "stream_fallback": "",
-    }
-
-
 def _plain(value: Any) -> Any:
     """JSON-able copy of media statistics (tuples become lists, other objects their text)."""
     if isinstance(value, dict):

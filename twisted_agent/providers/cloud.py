@@ -13,7 +13,6 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from autobahn.websocket.types import ConnectionResponse
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -42,9 +41,6 @@ class CloudSocket(WebSocketClientProtocol):
 
     factory: _CloudFactory
     log = Logger()
-
-    def onConnect(self, response: ConnectionResponse) -> None:
-        self.upgrade_headers = dict(response.headers)
 
     def onOpen(self) -> None:
         self.factory.opened(self)

@@ -112,8 +112,6 @@ class FakeSession:
         self._timer: IDelayedCall | None = None
         self.calls: list[tuple[str, str]] = []  # (call_id, name) of every function call made
         self.pending_calls: set[str] = set()  # function calls without an output yet
-        #: function calls still without an output when the session closed
-        self.unanswered_calls: list[str] = []
         self.answered_calls: set[str] = set()  # outputs given, response.create not yet
         self.open = True
 
@@ -434,9 +432,8 @@ class FakeSession:
         self.open = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        # a call left without its output is fine when the session ends with it (the tool hung the call
-        # up); going on without it is not, and response.create checks that
-        self.unanswered_calls = sorted(self.pending_calls)
+        # a function call left without its output is fine when the session ends with it (the tool hung
+        # the call up); going on without it is not, which response.create checks
         self.violations += [f"the output of function call {c} was not followed by response.create"
                             for c in sorted(self.answered_calls)]
 
