@@ -105,6 +105,40 @@ def reply_audio(text: str) -> bytes:
     return ulaw_decode(ulaw_encode(ToneVoice().render(text)))
 
 
+def altered_frames(heard: bytes, clip: bytes, frame: int = 320, drift_s: float = 0.5) -> list[int]:
+    """Indexes of the frames of ``clip`` (8 kHz s16le) that the caller did not hear intact, in order.
+
+    The clip is followed through ``heard`` from where its first 200 ms were heard. Where a frame is
+    not at its place but the 100 ms from it are found, unaltered, up to ``drift_s`` later, the
+    alignment moves on: a stall of the shared reactor on a busy machine delays a frame past the
+    caller's jitter allowance, and the rest of the clip is then heard intact but later (a new
+    talkspurt), as on a phone. A window the clip itself repeats within ``drift_s`` never moves it
+    (tone voice repeats single frames, and a steady tone matches itself a period later).
+    """
+
+    def find(needle: bytes, haystack: bytes, start: int, end: int) -> int:
+        at = haystack.find(needle, start, end)
+        while at >= 0 and at % 2:
+            at = haystack.find(needle, at + 1, end)
+        return at
+
+    offset = find(clip[:3200], heard, 0, len(heard))
+    assert offset >= 0, "the clip was heard from its start"
+    drift = int(drift_s * 16000)
+    altered = []
+    for n in range(0, len(clip), frame):
+        at = offset + n
+        if heard[at:at + frame] == clip[n:n + frame]:
+            continue
+        window = clip[n:n + 5 * frame]
+        found = find(window, heard, at, at + drift + len(window))
+        if found >= 0 and window.strip(b"\0") and find(window, clip, n + 1, n + drift + len(window)) < 0:
+            offset = found - n
+            continue
+        altered.append(n // frame)
+    return altered
+
+
 async def converse(caller: SimulatedCaller, speech: bytes = QUESTION) -> None:
     await caller.answered
     await until(lambda: caller.first_heard_at() is not None, what="the greeting")
