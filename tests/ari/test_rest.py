@@ -204,6 +204,8 @@ CASES: list[tuple[str, Callable[[ARIClient], Deferred[Any]], str, dict[str, str]
      {"variable": "TALK_DETECT(set)", "value": "1200,128"}, None, Answer(), None),
     ("set_variable text", lambda c: c.set_variable("c1", "X", "a+b c&d=e"), "POST /channels/c1/variable",
      {"variable": "X", "value": "a+b c&d=e"}, None, Answer(), None),
+    ("set_variable reported", lambda c: c.set_variable("c1", "Y", "1", report=True), "POST /channels/c1/variable",
+     {"variable": "Y", "value": "1", "report_events": "true"}, None, Answer(), None),
     ("external_media", lambda c: c.external_media(app="agent", channel_id="em-1", external_host="192.0.2.5:18080",
                                                   format="ulaw"),
      "POST /channels/externalMedia",

@@ -101,7 +101,7 @@ class FakeARI:
         value = self.channels.get(channel_id, {}).get(variable)
         return self._record("get_variable", channel_id, variable, result=value)
 
-    def set_variable(self, channel_id: str, variable: str, value: str) -> Deferred[None]:
+    def set_variable(self, channel_id: str, variable: str, value: str, report: bool = False) -> Deferred[None]:
         if channel_id not in self.channels:
             self.requests.append(("set_variable", channel_id, variable, value))
             return fail(ARINotFound(404, "POST", f"/channels/{channel_id}/variable", "Channel not found"))

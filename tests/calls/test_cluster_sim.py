@@ -105,6 +105,12 @@ async def test_two_engines_one_redis_see_each_others_calls_and_a_full_engine_ove
             break
         await sleep(0.05)
     assert finished is not None and finished["state"] == "ended" and finished["engine_id"] == "engine-a"
+    assert finished["outcome"] == "operator_hangup", "engine a knows an operator ended it, not the caller"
+    assert finished["end_reason"] == "hung up by an operator on engine engine-b"
+    marks = [values for method, path, values in a.sim.requests
+             if method == "POST" and path.endswith(f"/channels/{first.channel.id}/variable")
+             and values.get("variable") == "AI_AGENT_OPERATOR_HANGUP"]
+    assert [m.get("value") for m in marks] == ["engine-b"], "marked by engine b, before its hang-up"
     assert await live_numbers(b) == ["1002"]
     await second.hangup()
     await until(lambda: not b.engine.calls, what="engine b to release its call")

@@ -38,8 +38,8 @@ class IARIClient(Interface):
     def get_variable(channel_id: str, variable: str) -> Deferred[str | None]:
         """GET /channels/{id}/variable: the value, or None if the channel exists but the variable does not."""
 
-    def set_variable(channel_id: str, variable: str, value: str) -> Deferred[None]:
-        """POST /channels/{id}/variable."""
+    def set_variable(channel_id: str, variable: str, value: str, report: bool = False) -> Deferred[None]:
+        """POST /channels/{id}/variable; ``report``: Asterisk sends ChannelVarset to the channel's app."""
 
     def external_media(
         *,

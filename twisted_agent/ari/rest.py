@@ -118,9 +118,9 @@ class ARIClient:
         value: str = result.get("value", "")
         return value
 
-    def set_variable(self, channel_id: str, variable: str, value: str) -> Deferred[None]:
+    def set_variable(self, channel_id: str, variable: str, value: str, report: bool = False) -> Deferred[None]:
         return self._void("POST", f"/channels/{_segment(channel_id)}/variable",
-                          {"variable": variable, "value": value})
+                          {"variable": variable, "value": value, "report_events": "true" if report else None})
 
     def external_media(
         self,

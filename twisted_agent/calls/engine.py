@@ -37,6 +37,8 @@ from twisted_agent.web.interfaces import ICallControl
 
 MEDIA_CHANNEL_PREFIX = "ai-media-"
 APOLOGY_NAME = "twisted-agent-apology"  # not FILE_PREFIX: the start-up sweep keeps it
+#: set on another engine's call before hanging it up, so that its engine records an operator hang-up
+OPERATOR_HANGUP_VARIABLE = "AI_AGENT_OPERATOR_HANGUP"
 
 
 def bundled_apology() -> bytes:
@@ -146,6 +148,11 @@ class CallEngine(Service):
             call = self.calls.get(event.channel.id)
             if call is not None:
                 call.dtmf(event.digit)
+        elif isinstance(event, ev.ChannelVarset):
+            # another engine's operator pressed hang-up on this engine's call (see _hang_up)
+            if event.variable == OPERATOR_HANGUP_VARIABLE and event.channel is not None \
+                    and event.channel.id in self.calls:
+                Deferred.fromCoroutine(self._hang_up(event.channel.id, by=event.value))
         elif isinstance(event, (ev.ChannelTalkingStarted, ev.ChannelTalkingFinished)):
             call = self.calls.get(event.channel.id)
             if call is not None:
@@ -280,14 +287,24 @@ class CallEngine(Service):
     def hang_up(self, call_id: str) -> Deferred[bool]:
         return Deferred.fromCoroutine(self._hang_up(call_id))
 
-    async def _hang_up(self, call_id: str) -> bool:
+    async def _hang_up(self, call_id: str, by: str = "") -> bool:
         call = self.calls.get(call_id)
         if call is not None:
-            self.log.info("call {call_id}: hung up by an operator", call_id=call_id)
+            where = f" on engine {by}" if by and by != self.engine_id else ""
+            self.log.info("call {call_id}: hung up by an operator{where}", call_id=call_id, where=where)
             call.outcome = call.outcome or "operator_hangup"
-            await call.finish("hung up by an operator", caller="hangup")
+            await call.finish(f"hung up by an operator{where}", caller="hangup")
             return True
-        # another engine's call (shared store): hang its channel up; its engine sees the hang-up
+        # another engine's call (shared store): mark the channel, so that its engine (which sees the
+        # variable set before the hang-up) records who ended it, then hang it up here, which works
+        # even when that engine is gone
+        try:
+            await self.ari.set_variable(call_id, OPERATOR_HANGUP_VARIABLE, self.engine_id, report=True)
+        except ARINotFound:
+            return False
+        except ARIError as e:
+            self.log.warn("could not mark call {call_id} as hung up by an operator: {error}",
+                          call_id=call_id, error=str(e))
         try:
             await self.ari.hangup(call_id)
         except ARINotFound:
