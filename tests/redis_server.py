@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -66,10 +67,12 @@ def _read_reply(reader: Any) -> Any:
 
 
 class RedisServer:
-    def __init__(self, tmp_path: Path, password: str = "") -> None:
+    def __init__(self, tmp_path: Path, password: str = "", tls: dict[str, Any] | None = None) -> None:
         self.binary = require_redis_server()
         self.port = free_port()
         self.password = password
+        #: tests.pki.make_pki(): serve TLS only (rediss://), with its server certificate
+        self.tls = tls
         self.dir = tmp_path / f"redis-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.process: subprocess.Popen[bytes] | None = None
@@ -77,10 +80,13 @@ class RedisServer:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls["cert_file"],
+                 "--tls-key-file", self.tls["key_file"], "--tls-auth-clients", "no"] if self.tls else \
+            ["--port", str(self.port)]
+        argv = [self.binary, *ports, "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir),
                 "--logfile", str(self.dir / "redis.log"), "--daemonize", "no"]
         if self.password:
@@ -102,10 +108,17 @@ class RedisServer:
                 raise RuntimeError(f"redis-server on port {self.port} did not answer within {timeout}s")
             time.sleep(0.02)
 
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+        if not self.tls:
+            return sock
+        context = ssl.create_default_context(cafile=self.tls["ca_file"])
+        return context.wrap_socket(sock, server_hostname="127.0.0.1")
+
     def command(self, *args: Any) -> Any:
         """One command on a fresh connection, synchronously: for test setup and inspection only
         (loopback, answered in microseconds)."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+        with self._connect() as sock:
             reader = sock.makefile("rb")
             if self.password:
                 sock.sendall(_encode("AUTH", self.password))
@@ -116,7 +129,7 @@ class RedisServer:
     def keys(self, db: int = 0) -> list[str]:
         """Every key in ``db`` (SCAN, as an operator would)."""
         found: list[str] = []
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+        with self._connect() as sock:
             reader = sock.makefile("rb")
             if self.password:
                 sock.sendall(_encode("AUTH", self.password))

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-from typing import Any
 
 import pytest
 import pytest_twisted
@@ -19,7 +18,6 @@ from twisted.internet import reactor
 from tests.helpers import BIN, free_port, loopback_env
 from twisted_agent import check
 from twisted_agent.config import load_config
-from twisted_agent.listening import address, stop_listening
 
 
 class FakeARI:
@@ -227,27 +225,40 @@ def test_world_readable_secret_file_named_in_yaml_warns(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_redis_unreachable_and_answering():
+async def test_redis_is_checked_as_the_store_connects(tmp_path):
+    """TLS, AUTH and SELECT as the store does them, against a real redis-server: a wrong password
+    or an untrusted certificate is found before the first call, not in /health after it."""
+    from tests.pki import make_pki
+    from tests.redis_server import RedisServer
+
     port = free_port()
     results = await check.check_redis(config_for(REDIS_URL=f"redis://127.0.0.1:{port}/0"), reactor)
-    assert results[0].status == "warn" and "unreachable" in results[0].summary
+    assert results[0].status == "warn"
+    assert results[0].summary == f"Redis at 127.0.0.1:{port} unusable: connection refused by 127.0.0.1:{port}"
 
-    from twisted.internet.protocol import Protocol, ServerFactory
-
-    class Pong(Protocol):
-        def dataReceived(self, data):
-            if data == b"PING\r\n":
-                assert self.transport is not None
-                self.transport.write(b"+PONG\r\n")
-
-    factory: Any = ServerFactory.forProtocol(Pong)
-    listener = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    server = RedisServer(tmp_path, password="right").start()
     try:
-        url = f"redis://127.0.0.1:{address(listener)[1]}/0"
-        results = await check.check_redis(config_for(REDIS_URL=url), reactor)
+        results = await check.check_redis(config_for(REDIS_URL=f"redis://:right@127.0.0.1:{server.port}/2"), reactor)
+        assert [(r.status, r.summary) for r in results] == [("ok", f"Redis answers at 127.0.0.1:{server.port}")]
+        results = await check.check_redis(config_for(REDIS_URL=f"redis://:wrong@127.0.0.1:{server.port}/2"), reactor)
+        assert results[0].status == "warn" and "credentials" in results[0].summary, results[0].summary
+        assert "wrong" not in results[0].summary
     finally:
-        await stop_listening(listener)
-    assert results[0].status == "ok"
+        server.stop()
+
+    pki = make_pki(tmp_path)
+    server = RedisServer(tmp_path, tls=pki).start()
+    try:
+        url = f"rediss://127.0.0.1:{server.port}/0"
+        results = await check.check_redis(config_for(REDIS_URL=url, REDIS_TLS_CA_FILE=pki["ca_file"]), reactor)
+        assert results[0].status == "ok", results[0].summary
+        results = await check.check_redis(config_for(REDIS_URL=url), reactor)
+        assert results[0].status == "warn"
+        assert results[0].summary == (f"Redis at 127.0.0.1:{server.port} unusable: TLS with 127.0.0.1:{server.port} "
+                                      "failed (certificate verify failed): check rediss://, the host name in "
+                                      "REDIS_URL and REDIS_TLS_CA_FILE")
+    finally:
+        server.stop()
 
 
 def test_format_results():

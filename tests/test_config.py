@@ -66,7 +66,7 @@ def test_every_setting_is_overridable_from_the_environment(tmp_path):
     values = {
         "ARI_URL": "https://pbx.example.net:8089/ari", "ARI_USERNAME": "bob", "ARI_PASSWORD": "pw",
         "ARI_APP": "my-app", "ARI_REQUEST_TIMEOUT": "3.5", "ARI_RECONNECT_MAX_DELAY": "12",
-        "ARI_TLS_CA_FILE": str(ca_file),
+        "ARI_TLS_CA_FILE": str(ca_file), "REDIS_TLS_CA_FILE": str(ca_file),
         "AUDIO_TRANSPORT": "audiosocket", "RTP_HOST": "127.0.0.1", "RTP_PORT": "4000",
         "RTP_ADVERTISE_HOST": "198.51.100.7", "AUDIOSOCKET_HOST": "127.0.0.1", "AUDIOSOCKET_PORT": "4001",
         "EXTERNAL_MEDIA_FORMAT": "alaw", "RTP_ALLOWED_HOSTS": "10.0.0.0/8 192.0.2.7", "RTP_REORDER_FRAMES": "4",

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -15,17 +12,13 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ClientEndpoint
 from twisted.internet.interfaces import IReactorSSL
-from twisted.internet.ssl import CertificateOptions
 from twisted.web.server import Site
 
+from tests.pki import make_pki
 from tests.test_check import FakeARI
 from twisted_agent import check
 from twisted_agent.config import load_config
@@ -33,48 +26,9 @@ from twisted_agent.listening import address, stop_listening
 from twisted_agent.tls import client_tls_options
 
 
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
-def _certificate(subject: str, key: Any, issuer: x509.Name, signer: Any, serial: int,
-                 extension: Any) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    return (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer)
-            .public_key(key.public_key()).serial_number(serial)
-            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(extension, critical=isinstance(extension, x509.BasicConstraints))
-            .sign(signer, hashes.SHA256()))
-
-
-def _ca(subject: str, serial: int) -> tuple[Any, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    constraints = x509.BasicConstraints(ca=True, path_length=None)
-    return key, _certificate(subject, key, _name(subject), key, serial, constraints)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: Any) -> dict[str, Any]:
-    """A private CA and a server certificate for 127.0.0.1, as an Asterisk admin would make."""
-    ca_key, ca = _ca("Test PBX CA", 1)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = _certificate("pbx", key, ca.subject, ca_key, 2,
-                        x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]))
-    _, other_ca = _ca("Other CA", 3)
-    directory: Path = tmp_path_factory.mktemp("pki")
-    ca_file = directory / "ca.pem"
-    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    # A bundle whose first certificate is not the one that signed the server: all must be trusted.
-    bundle = directory / "bundle.pem"
-    bundle.write_bytes(other_ca.public_bytes(serialization.Encoding.PEM) + b"\n"
-                       + ca.public_bytes(serialization.Encoding.PEM))
-    from OpenSSL import crypto
-
-    options = CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),
-        certificate=crypto.X509.from_cryptography(cert),
-    )
-    return {"ca_file": str(ca_file), "bundle": str(bundle), "server_options": options}
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def listen_tls(factory: Any, pki: dict[str, Any]) -> Any:

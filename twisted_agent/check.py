@@ -16,12 +16,13 @@ from urllib.parse import quote, urlsplit
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger, LogPublisher
 from twisted.web.client import ResponseNeverReceived
 
 from twisted_agent.config import SETTINGS_BY_KEY, AgentConfig, secret_file_is_private
 from twisted_agent.providers.readiness import ProviderCatalog
+from twisted_agent.store.redis_link import RedisLink
 from twisted_agent.tls import ari_http_client
 
 OK, INFO, WARN, FAIL = "ok", "info", "warn", "FAIL"
@@ -281,41 +282,29 @@ def check_secrets(config: AgentConfig) -> list[CheckResult]:
 # --- Redis ----------------------------------------------------------------------------------
 
 
-class _Ping(Protocol):
-    def __init__(self) -> None:
-        self.answer: Deferred[bytes] = Deferred()
-        self._buffer = b""
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(b"PING\r\n")
-
-    def dataReceived(self, data: bytes) -> None:
-        self._buffer += data
-        if b"\r\n" in self._buffer and not self.answer.called:
-            self.answer.callback(self._buffer.split(b"\r\n", 1)[0])
-            assert self.transport is not None
-            self.transport.loseConnection()
-
-
-async def check_redis(config: AgentConfig, reactor: Any) -> list[CheckResult]:
+async def check_redis(config: AgentConfig, reactor: Any, timeout: float = 5.0) -> list[CheckResult]:
+    """Connect as the store would (TLS, AUTH, SELECT, PING), once, and say what went wrong."""
     url = config.store.redis_url
     if not url:
         return [CheckResult("store", OK, "in-memory store (REDIS_URL is empty)")]
-    parts = urlsplit(url)
-    where = f"{parts.hostname}:{parts.port or 6379}"
-    endpoint = HostnameEndpoint(reactor, parts.hostname or "127.0.0.1", parts.port or 6379, timeout=3)
+    ready: Deferred[None] = Deferred()
+    link = RedisLink(reactor, url, Logger(observer=LogPublisher()),
+                     connected=lambda outage: None if ready.called else ready.callback(None),
+                     lost=lambda: None, retry_policy=lambda attempt: 3600.0, ca_file=config.store.tls_ca_file)
+    where = link.address.where
+    link.start()
     try:
-        protocol = await endpoint.connect(Factory.forProtocol(_Ping)).addTimeout(3, reactor)
-        assert isinstance(protocol, _Ping)
-        answer = await protocol.answer.addTimeout(3, reactor)
-    except Exception as e:
-        return [CheckResult("store", WARN, f"Redis at {where} unreachable: {_reason(e)}",
-                            "start redis-server or fix REDIS_URL; calls still go on, records are buffered")]
-    text = answer.decode(errors="replace")
-    if text.startswith("+PONG") or text.startswith("-NOAUTH"):
+        deadline = reactor.seconds() + timeout
+        while not ready.called and not link.last_error and reactor.seconds() < deadline:
+            await deferLater(reactor, 0.02, lambda: None)
+    finally:
+        await link.stop()
+    if ready.called:
         return [CheckResult("store", OK, f"Redis answers at {where}")]
-    return [CheckResult("store", WARN, f"Redis at {where} answered {text!r}", "check REDIS_URL")]
+    problem = link.last_error or f"no answer within {timeout:g} s"
+    return [CheckResult("store", WARN, f"Redis at {where} unusable: {problem}",
+                        "start redis-server or fix REDIS_URL (and REDIS_TLS_CA_FILE for rediss://); "
+                        "calls still go on, their records wait in memory")]
 
 
 async def run_checks(config: AgentConfig, reactor: Any, http: Any = None) -> list[CheckResult]:

@@ -140,6 +140,9 @@ class WebConfig:
 class StoreConfig:
     redis_url: str = setting(
         "REDIS_URL", "", s.redis_url, "empty: in-memory store; redis://host:port/db: shared store for several engines")
+    tls_ca_file: str = setting(
+        "REDIS_TLS_CA_FILE", "", s.optional_certificates_file,
+        "PEM certificate(s) to trust for rediss:// (empty = the system's trust store)")
     prefix: str = setting(
         "STORE_PREFIX", "ai-agent", s.identifier, "namespace of every Redis key this service writes (prefix:...)")
     engine_id: str = setting(

@@ -1,7 +1,8 @@
-"""TLS for connections to Asterisk: https:// for REST and wss:// for events.
+"""TLS for connections to Asterisk (https:// for REST and wss:// for events) and to Redis (rediss://).
 
-Asterisk often runs with a self-signed or private-CA certificate; ``ARI_TLS_CA_FILE`` names the
-PEM file to trust instead of the system store. Verification is never switched off.
+Asterisk and a private Redis often run with a self-signed or private-CA certificate;
+``ARI_TLS_CA_FILE`` and ``REDIS_TLS_CA_FILE`` name the PEM file to trust instead of the system
+store. Verification is never switched off.
 """
 
 from __future__ import annotations
@@ -23,6 +24,18 @@ if TYPE_CHECKING:  # the interface is public in use, private in where it lives
 
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+def tls_failure(e: BaseException) -> str:
+    """What went wrong in a TLS handshake, in words: "certificate verify failed" rather than
+    pyOpenSSL's ``Error: [('SSL routines', '', 'certificate verify failed')]``."""
+    errors = e.args[0] if e.args else None
+    if isinstance(errors, list) and errors and all(isinstance(x, tuple) and len(x) == 3 for x in errors):
+        reasons = [str(x[2]) for x in errors if x[2]]
+        if reasons:
+            return "; ".join(reasons)
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def load_trust_root(ca_file: str) -> IOpenSSLTrustRoot:

@@ -12,6 +12,7 @@ from twisted.internet import reactor
 
 from tests.calls.simstack import sleep, until
 from tests.helpers import free_port
+from tests.pki import make_pki
 from tests.redis_server import RedisServer
 from tests.store.conftest import PREFIX, SETTINGS, MakeRedisStore, connected, fast_retry
 from tests.store.records import finished, ids, live, now, the_call
@@ -235,6 +236,36 @@ async def test_a_wrong_password_is_reported(tmp_path: Path) -> None:
         assert ids(await store.live_calls()) == ["c1"]
     finally:
         await store.stop()
+        server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rediss_with_a_private_ca(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    server = RedisServer(tmp_path, password="pw", tls=pki).start()
+    url = server.url
+    assert url.startswith("rediss://:pw@127.0.0.1:")
+    trusting = RedisStore(reactor, StoreConfig(redis_url=url, tls_ca_file=pki["bundle"], **SETTINGS), "engine-a",
+                          retry_policy=fast_retry)
+    untrusting = RedisStore(reactor, StoreConfig(redis_url=url, **SETTINGS), "engine-b", retry_policy=fast_retry)
+    try:
+        trusting.start()
+        untrusting.start()
+        await until(lambda: trusting.stats()["connected"], 5, "connected over TLS")
+        trusting.call_finished(finished(live("c1", now() - 5), now()))
+        assert ids(await trusting.history()) == ["c1"]
+        assert server.keys() == [f"{PREFIX}:call:c1", f"{PREFIX}:history"], "written through TLS"
+
+        # the system's trust store does not know the private CA: refused, said so, and calls go on
+        await until(lambda: "TLS" in untrusting.status().detail, 5, "the TLS failure reported")
+        status = untrusting.status()
+        assert status.state == "disconnected" and status.ready
+        assert f"TLS with 127.0.0.1:{server.port} failed" in status.detail and "REDIS_TLS_CA_FILE" in status.detail
+        untrusting.call_updated(live("c2", now()))
+        assert ids(await untrusting.live_calls()) == ["c2"] and untrusting.stats()["buffered"] == 1
+    finally:
+        await trusting.stop()
+        await untrusting.stop()
         server.stop()
 
 

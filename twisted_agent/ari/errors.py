@@ -9,6 +9,8 @@ from __future__ import annotations
 from twisted.internet import error as net_error
 from twisted.python.failure import Failure
 
+from twisted_agent.tls import tls_failure
+
 
 class ARIError(Exception):
     """A failed ARI REST request. ``str()`` is one readable line."""
@@ -106,7 +108,7 @@ def describe_unreachable(e: BaseException, where: str) -> str:
         return f"connecting to {where} timed out"
     tls = [x for x in inner if type(x).__module__.startswith(("OpenSSL", "service_identity"))]
     if tls:
-        return f"TLS with {where} failed ({summary(tls[-1])}): check ARI_TLS_CA_FILE and the host name in ARI_URL"
+        return f"TLS with {where} failed ({tls_failure(tls[-1])}): check ARI_TLS_CA_FILE and the host name in ARI_URL"
     lost = [x for x in inner if isinstance(x, net_error.ConnectionLost | net_error.ConnectionDone)]
     if lost:
         return f"{where} closed the connection before answering ({summary(lost[-1])})"

@@ -101,7 +101,8 @@ class RedisStore:
         # an empty id would make this engine delete other id-less engines' calls as its own leftovers
         self.engine_id = engine_id or config.engine_id or socket.gethostname()
         self._link = RedisLink(reactor, config.redis_url, self.log, connected=self._connected,
-                               lost=self._connection_lost, retry_policy=retry_policy, endpoint=endpoint)
+                               lost=self._connection_lost, retry_policy=retry_policy, endpoint=endpoint,
+                               ca_file=config.tls_ca_file)
         self.address = self._link.address
         #: REDIS_URL with the password masked, for logs and /health
         self.url = self._link.url

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from twisted_agent.config_display import mask_url_password
 from twisted_agent.reconnect import GuardedEndpoint, QuietClientService
+from twisted_agent.tls import load_trust_root, tls_failure
 
 #: seconds to open a TCP/TLS/unix connection to Redis
 CONNECT_TIMEOUT = 5.0
@@ -73,13 +74,18 @@ def parse_redis_url(url: str) -> RedisAddress:
                         int(db) if db.isdigit() else 0)
 
 
-def redis_endpoint(reactor: Any, address: RedisAddress, timeout: float = CONNECT_TIMEOUT) -> IStreamClientEndpoint:
+def redis_endpoint(reactor: Any, address: RedisAddress, timeout: float = CONNECT_TIMEOUT,
+                   ca_file: str = "") -> IStreamClientEndpoint:
     if address.scheme == "unix":
         return UNIXClientEndpoint(reactor, address.path, timeout=timeout)
     endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
     if address.scheme == "rediss":
-        # verified against the system's trusted CAs and the host name in REDIS_URL
-        endpoint = wrapClientTLS(optionsForClientTLS(address.host), endpoint)
+        # verified against REDIS_TLS_CA_FILE (or the system's trusted CAs) and the host name in REDIS_URL
+        if ca_file:
+            options = optionsForClientTLS(address.host, trustRoot=load_trust_root(ca_file))
+        else:
+            options = optionsForClientTLS(address.host)
+        endpoint = wrapClientTLS(options, endpoint)
     return endpoint
 
 
@@ -105,6 +111,8 @@ class RedisConnection(txredisapi.BaseRedisProtocol):
         self.prepared = False
         #: why the store dropped this connection ("" if it did not)
         self.abort_reason = ""
+        #: why the transport ended, once it did (a TLS failure shows here, not in the replies)
+        self.lost_why: Failure | None = None
         self._lost = lost
 
     def abort(self, reason: str) -> None:
@@ -122,6 +130,7 @@ class RedisConnection(txredisapi.BaseRedisProtocol):
         self.connectionLost(reason)
 
     def connectionLost(self, why: Failure = connectionDone) -> None:
+        self.lost_why = why  # before the pending replies fail with txredisapi's plain ConnectionError
         super().connectionLost(why)
         if self.prepared:
             self._lost(self, why)
@@ -158,6 +167,7 @@ class RedisLink:
         lost: Callable[[], None],
         retry_policy: Callable[[int], float] | None = None,
         endpoint: IStreamClientEndpoint | None = None,
+        ca_file: str = "",
     ) -> None:
         self._clock: IReactorTime = reactor
         self.log = log
@@ -180,7 +190,7 @@ class RedisLink:
         if retry_policy is None:
             retry_policy = backoffPolicy(initialDelay=0.5, factor=2, maxDelay=10, jitter=random.random)
         self._service = QuietClientService(
-            GuardedEndpoint(endpoint or redis_endpoint(reactor, self.address), self._attempt_failed),
+            GuardedEndpoint(endpoint or redis_endpoint(reactor, self.address, ca_file=ca_file), self._attempt_failed),
             _ConnectionFactory(self._connection_lost, self._clock),
             retryPolicy=retry_policy,
             clock=self._clock,
@@ -218,9 +228,13 @@ class RedisLink:
         try:
             await self.run(protocol, commands, WRITE_TIMEOUT)
         except Exception as e:
+            lost = protocol.lost_why
             protocol.abort("handshake failed")
             if not (isinstance(e, CancelledError) and not self.running):
-                self._attempt_failed(Failure(e))
+                # the transport's reason says more than "closed" (e.g. the server's certificate was refused)
+                cause = lost.value if lost is not None and not lost.check(
+                    net_error.ConnectionDone, net_error.ConnectionLost) else e
+                self._attempt_failed(Failure(cause))
             raise
         self._connected(protocol.mark_prepared())
 
@@ -290,8 +304,9 @@ class RedisLink:
             return f"connecting to {where} timed out"
         if isinstance(error, net_error.ConnectionDone | net_error.ConnectionLost | txredisapi.ConnectionError):
             return f"{where} closed the connection"
-        if type(error).__module__.startswith(("OpenSSL", "service_identity")):
-            return f"TLS with {where} failed ({error}): check rediss:// and the host name in REDIS_URL"
+        if isinstance(error, Exception) and type(error).__module__.startswith(("OpenSSL", "service_identity")):
+            return (f"TLS with {where} failed ({tls_failure(error)}): "
+                    "check rediss://, the host name in REDIS_URL and REDIS_TLS_CA_FILE")
         text = " ".join(str(error).split())
         return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
