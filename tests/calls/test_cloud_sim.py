@@ -173,6 +173,72 @@ async def test_barge_in_stops_the_agent_and_truncates_what_was_not_heard(stacks:
     assert fake.violations == []
 
 
+async def long_reply(stack: Stack, caller: Any) -> tuple[Any, int]:
+    """Once the greeting is over, the caller asks (without QUESTION's pause, which a fast endpointer
+    takes for a turn end); 1.5 s into the agent's long reply (5.4 s) nothing has interrupted it.
+    The call, and the count of segments heard before the reply."""
+    await caller.answered
+    call = the_call(stack)
+    await until(lambda: caller.first_heard_at() is not None and call.state == "listening", timeout=10,
+                what="the greeting to play out")
+    before = len(caller.heard_segments())
+    await caller.say(QUESTION[48 * 320:])
+    await until(lambda: call.state == "speaking", timeout=10, what="the agent's answer")
+    await sleep(1.5)
+    assert call.state == "speaking" and call.barge_ins == [], f"{call.state}, barge-ins {call.barge_ins}"
+    return call, before
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest_twisted.ensureDeferred
+async def test_the_agents_echo_does_not_interrupt_it_and_the_caller_over_the_echo_does(
+        stacks: Any, clouds: Clouds, provider: str) -> None:
+    """The line sends the agent's voice back (40 ms, -10 dB): the cloud agent would take it for the
+    caller and stop mid-sentence. It gets silence in its place; the caller talking over it still
+    interrupts."""
+    from twisted_agent.sim.line import LineEcho
+
+    fake = clouds.of(provider)
+    fake.script = [{"say": LONG}, {"say": ANSWER}]
+    stack = await cloud_stack(stacks, clouds, provider, DOWNSTREAM_MODE="stream")
+    caller = stack.call()
+    caller.line(echo=LineEcho(delay_ms=40, gain_db=-10))
+    call, before = await long_reply(stack, caller)
+    assert call.barge_ins == [] and call.interruptions.cloud_suppressed > 50, \
+        f"1.5 s of echo, none taken for the caller ({call.interruptions.cloud_suppressed} frames silenced)"
+    began = reactor.seconds()
+    await caller.say(QUESTION[48 * 320:])  # over the reply and its echo
+    await until(lambda: call.barge_ins, timeout=5, what="the barge-in")
+    await until(lambda: any(text == ANSWER for _, text in call.conversation), timeout=10, what="the answer")
+    assert call.barge_ins[0] > began, "the caller, not the echo, interrupted"
+    await caller.hangup()
+    await stack.all_released()
+    assert fake.violations == []
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest_twisted.ensureDeferred
+async def test_with_barge_in_off_the_caller_cannot_interrupt_a_cloud_agent(stacks: Any, clouds: Clouds,
+                                                                            provider: str, mode: str) -> None:
+    """Stream mode: the cloud agent hears silence while the agent speaks; file mode: Asterisk keeps
+    the caller off the media leg while a file plays, and no talk detection stops it."""
+    fake = clouds.of(provider)
+    fake.script = [{"say": LONG}, {"say": ANSWER}]
+    stack = await cloud_stack(stacks, clouds, provider, BARGE_IN="off", **MODES[mode])
+    caller = stack.call()
+    call, before = await long_reply(stack, caller)
+    await caller.say(QUESTION)  # over the reply: the cloud agent hears silence
+    await until(lambda: call.state == "listening", timeout=10, what="the reply to play out")
+    assert call.barge_ins == []
+    reply = caller.heard_segments()[before:]
+    assert reply[-1][1] - reply[0][0] > 5.2, f"the whole reply (5.4 s) was heard: {reply}"
+    assert not any("TALK_DETECT" in str(values) for _, _, values in stack.sim.requests)
+    await caller.hangup()
+    await stack.all_released()
+    assert fake.violations == []
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest_twisted.ensureDeferred
 async def test_a_dropped_connection_apologises_and_returns_the_caller_to_the_dialplan(

@@ -21,8 +21,10 @@ class Detector:
 class Echo:
     def __init__(self) -> None:
         self.caller = True  # what the echo check says of a voiced frame
+        self.judged: list[bytes] = []
 
     def is_caller(self, pcm: bytes, now: float) -> bool:
+        self.judged.append(pcm)
         return self.caller
 
 
@@ -51,15 +53,16 @@ class Files(FilePlayer):
 
 
 class Rig:
-    def __init__(self, player: Any) -> None:
+    def __init__(self, player: Any, barge_in: bool = True) -> None:
         self.clock = Clock()
         self.clock.advance(10)
         self.session, self.player, self.frames = Session(), player, 0
         self.counts: Counter[str] = Counter()
         self.confirmed = 0
         self.interruptions = Interruptions(
-            self.clock, "c1", min_ms=120, duck_db=12.0, session=lambda: self.session, player=lambda: self.player,
-            frames_heard=lambda: self.frames, count=lambda what: self.counts.update([what]), confirmed=self.confirm)
+            self.clock, "c1", min_ms=120, duck_db=12.0, barge_in=barge_in, session=lambda: self.session,
+            player=lambda: self.player, frames_heard=lambda: self.frames,
+            count=lambda what: self.counts.update([what]), confirmed=self.confirm)
 
     def confirm(self) -> None:
         self.confirmed += 1
@@ -175,3 +178,44 @@ def test_a_barge_in_or_the_end_of_the_call_cancels_the_pending_confirmation() ->
     streaming.interruptions.talk_started()
     streaming.clock.advance(1)
     assert streaming.confirmed == 0, "a stream is never paused for Asterisk's talk detection"
+
+
+# --- what a cloud agent hears while the agent speaks -------------------------------------------------
+
+
+def cloud(rig: Rig, verdicts: list[bool], floor: bool = True) -> list[bytes]:
+    """Caller frames 1, 2, ... sent on to a cloud agent; the echo check says ``verdicts`` of them."""
+    sent = []
+    for verdict in verdicts:
+        rig.clock.advance(0.02)
+        rig.frames += 1
+        rig.session.echo.caller = verdict
+        sent.append(rig.interruptions.for_cloud(bytes([rig.frames]) * 320, floor))
+    return sent
+
+
+def test_a_cloud_agent_hears_silence_for_its_echo_and_the_caller_over_it() -> None:
+    rig = make(Streaming())
+    sent = cloud(rig, [False] * 5 + [True] + [False] * 12)
+    silence = bytes(320)
+    assert sent[:5] == [silence] * 5, "the agent's echo: silence, so the cloud agent cannot take it for the caller"
+    assert [f[0] for f in sent[5:16]] == list(range(6, 17)), \
+        "the caller, and 200 ms after them unjudged (a syllable taken for echo does not chop their speech)"
+    assert sent[16:] == [silence] * 2, "then judged again"
+    assert rig.session.echo.judged[5] == bytes([5]) * 320 + bytes([6]) * 320, "40 ms judged: the last two frames"
+    assert rig.interruptions.cloud_suppressed == 7
+
+
+def test_a_cloud_agent_hears_everything_when_the_agent_is_quiet_or_plays_files() -> None:
+    rig = make(Streaming())
+    assert [f[0] for f in cloud(rig, [False] * 3, floor=False)] == [1, 2, 3]
+    rig = make(Files())
+    assert [f[0] for f in cloud(rig, [False] * 3)] == [1, 2, 3], "file mode: Asterisk keeps the caller off"
+    assert rig.session.echo.judged == [] and rig.interruptions.cloud_suppressed == 0
+
+
+def test_without_barge_in_a_cloud_agent_hears_silence_while_the_agent_speaks() -> None:
+    for player in (Streaming(), Files()):  # files: between two of them Asterisk passes the caller on
+        rig = Rig(player, barge_in=False)
+        assert cloud(rig, [True] * 4) == [bytes(320)] * 4
+        assert [f[0] for f in cloud(rig, [True] * 2, floor=False)] == [5, 6]

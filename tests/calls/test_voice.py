@@ -123,21 +123,18 @@ def test_streaming_that_fails_goes_on_with_files_from_what_was_not_sent(tmp_path
     assert voice.talk.threshold.value > 256, "talk detection is kept deaf to the echo of what is to play"
 
 
-def test_talk_detection_is_for_file_playback(tmp_path: Path) -> None:
-    def enabled(player: Any, turn_taking: bool, **env: str) -> bool:
+def test_talk_detection_is_for_file_playback_with_barge_in(tmp_path: Path) -> None:
+    def enabled(player: Any, **env: str) -> bool:
         v = Voice(tmp_path, **env)
         v.voice.player = player(v) if callable(player) else player
-        Deferred.fromCoroutine(v.voice.detect_talking(turn_taking))
+        Deferred.fromCoroutine(v.voice.detect_talking())
         return v.voice.talk.on
 
     def files(v: Voice) -> Any:
         v.voice.start(None)
         return v.voice.player
 
-    assert enabled(files, True)
-    # a cloud agent cannot hear the caller over a file, and interrupts itself whatever BARGE_IN says
-    assert enabled(files, False), "a provider that takes turns itself"
-    assert enabled(files, False, BARGE_IN="false")
-    assert not enabled(files, True, BARGE_IN="false")
-    assert not enabled(FakePlayer(), True), "streams need no talk detection"
-    assert not enabled(FakePlayer(), False)
+    assert enabled(files)
+    # without barge-in the file plays on: the caller, off the media leg, reaches no provider meanwhile
+    assert not enabled(files, BARGE_IN="false")
+    assert not enabled(FakePlayer()), "streams need no talk detection"

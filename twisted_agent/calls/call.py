@@ -60,8 +60,6 @@ class Call:
         self.context = self.config.contexts[self.context_name]
         self.session_uuid = uuid.uuid4()
         self.leg = MediaLeg(engine, self.call_id, self.session_uuid)
-        self.bridge_id = self.leg.bridge_id
-        self.media_channel_id = self.leg.channel_id
         self.provider: Any = None
         self.voice = AgentVoice(engine, self.call_id, on_idle=self._player_idle, on_audio_started=self._audio_started,
                                 on_heard=self._reply_heard)
@@ -88,8 +86,8 @@ class Call:
             waiting=lambda: self.state == "thinking" and self.turn_clock.awaiting_reply, on_filler=self._filler_started)
         self.interruptions = Interruptions(
             self.reactor, self.call_id, min_ms=calls.barge_in_min_ms, duck_db=calls.barge_in_duck_db,
-            session=lambda: self.session, player=lambda: self.voice.player, frames_heard=lambda: self.leg.frames,
-            count=engine.count, confirmed=self._talk_confirmed)
+            barge_in=calls.barge_in, session=lambda: self.session, player=lambda: self.voice.player,
+            frames_heard=lambda: self.leg.frames, count=engine.count, confirmed=self._talk_confirmed)
         self.inactivity = InactivityPrompts(
             self.reactor, calls.inactivity_prompt_seconds, calls.inactivity_hangup_seconds, self.call_id,
             talking=lambda: self.session is not None and bool(self.session.detector.in_speech),
@@ -168,7 +166,7 @@ class Call:
         await engine.ari.answer(self.call_id)
         await self.leg.open(self)
         self.voice.start(self.session)
-        await self.voice.detect_talking(self.provider.wants_turn_taking)
+        await self.voice.detect_talking()
         self.states.set_up()
         if config.calls.ringback and self.context.greeting:
             self.comfort.start(engine.ringback_pcm, "ringback")
@@ -235,7 +233,9 @@ class Call:
         talk = self.voice.talk
         if talk.on and self.state == "listening" and not self.gated and not self.session.detector.in_speech:
             talk.heard_line(frame)
-        if not provider.wants_turn_taking or not self.gated:
+        if not provider.wants_turn_taking:  # a cloud agent hears the caller throughout, but not our echo
+            provider.push_audio(self.interruptions.for_cloud(frame, self.agent_has_floor))
+        elif not self.gated:
             provider.push_audio(frame)
         elif self.agent_has_floor and self.config.calls.barge_in and self.interruptions.frame(frame):
             self._barge_in()
@@ -277,7 +277,7 @@ class Call:
         self.comfort.forget()  # a filler is not worth a file
         self.voice.fall_back(reason)
         self._player_idle()
-        Deferred.fromCoroutine(self.voice.detect_talking(self.provider.wants_turn_taking))
+        Deferred.fromCoroutine(self.voice.detect_talking())
 
     def dtmf_received(self, digit: str) -> None:
         """A key on the media leg (an AudioSocket DTMF frame): the same press as a ChannelDtmfReceived
@@ -404,7 +404,7 @@ class Call:
         self.engine.call_changed(self)
 
     def user_speech_started(self) -> None:
-        """A cloud agent heard the caller begin: its judgement (echo, noise) is the barge-in decision."""
+        """A cloud agent heard the caller begin (not our echo: see for_cloud): that is the barge-in."""
         if self.provider is not None and not self._failing and self._finishing is None:
             self.inactivity.caller_active()
             if self.agent_has_floor:

@@ -226,7 +226,7 @@ class CallEngine(Service):
             try:
                 if call.waiting_for_media:
                     # its media channel's StasisStart may have come while nobody listened
-                    await self.ari.get_channel(call.media_channel_id)
+                    await self.ari.get_channel(call.leg.channel_id)
                     call.media_channel_started()
                 if isinstance(call.player, FilePlayer):
                     await call.player.reconcile()

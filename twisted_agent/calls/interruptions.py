@@ -12,6 +12,16 @@ backchannel resumes the file from where it stopped. When no audio reaches the me
 Asterisk's own measure decides: talk still going ``BARGE_IN_MIN_MS + SILENCE_MS`` after it started
 is an interruption (``confirmed``).
 
+A cloud voice agent (Deepgram, OpenAI Realtime) finds the caller's speech itself, in the audio it
+is sent, and interrupts itself when it hears any; it would hear the agent's own voice coming back
+on the line too, and take it for the caller. So while the agent's streamed voice has the floor,
+:meth:`for_cloud` judges each caller frame the same way (media/echo.py) and sends silence in place
+of the agent's echo and of line noise, as an echo canceller's non-linear processor does; the
+caller's voice passes, and for :data:`CLOUD_HANGOVER_FRAMES` after it every frame passes unjudged,
+so a syllable taken for echo (a few per cent of the caller's frames over the echo) does not chop
+their speech. With ``BARGE_IN=off`` the cloud agent hears silence while the agent has the floor, as
+the local pipeline's gate hears nothing: the caller cannot interrupt it.
+
 Plain logic on a clock; the call owns the session, the player and the state machine.
 """
 
@@ -30,12 +40,14 @@ from twisted_agent.calls.timer import Timer
 
 #: the VAD judged a frame just before the call hands it over: voiced if its last voiced frame is this one
 _SAME_FRAME_S = 0.015
+#: after a frame judged the caller's, this many go to a cloud agent unjudged (200 ms: double talk)
+CLOUD_HANGOVER_FRAMES = 10
 
 
 class Interruptions:
     log = Logger()
 
-    def __init__(self, clock: IReactorTime, call_id: str, *, min_ms: int, duck_db: float,
+    def __init__(self, clock: IReactorTime, call_id: str, *, min_ms: int, duck_db: float, barge_in: bool,
                  session: Callable[[], Any], player: Callable[[], Any], frames_heard: Callable[[], int],
                  count: Callable[[str], None], confirmed: Callable[[], None]) -> None:
         self._clock = clock
@@ -48,6 +60,12 @@ class Interruptions:
         self._frames_heard = frames_heard
         self._count = count
         self._confirmed = confirmed
+        self._barge_in = barge_in
+        #: for_cloud(): the previous caller frame (the judge looks at 40 ms), frames still passing unjudged
+        self._cloud_previous = b""
+        self._cloud_hangover = 0
+        #: caller frames a cloud agent got as silence while the agent had the floor (echo, noise)
+        self.cloud_suppressed = 0
         #: the file was paused for the caller's talk (at this count of inbound frames); None: not paused
         self.paused_at: int | None = None
         self._talk_timer = Timer(clock)
@@ -68,6 +86,26 @@ class Interruptions:
             return True
         self.duck(self.detector.armed)
         return False
+
+    def for_cloud(self, frame: bytes, agent_has_floor: bool) -> bytes:
+        """What a cloud agent is sent of a caller frame: the frame, or silence in place of the agent's
+        echo (or noise) while its streamed voice has the floor."""
+        previous, self._cloud_previous = self._cloud_previous, frame
+        session = self._session()
+        if not agent_has_floor or session is None:
+            self._cloud_hangover = 0
+            return frame
+        if self._barge_in:
+            if not isinstance(self._player(), StreamPlayer):
+                return frame  # files: Asterisk keeps the caller off the media leg while one plays (no echo)
+            if self._cloud_hangover > 0:
+                self._cloud_hangover -= 1
+                return frame
+            if session.echo.is_caller(previous + frame, self._clock.seconds()):
+                self._cloud_hangover = CLOUD_HANGOVER_FRAMES
+                return frame
+        self.cloud_suppressed += 1
+        return bytes(len(frame))
 
     def voice_stopped(self) -> None:
         """No frame may come to end the caller's voice (a silent Local channel): ask the clock."""

@@ -64,11 +64,11 @@ class AgentVoice:
                           engine.register_playback, engine.unregister_playback, self._on_idle,
                           self._on_audio_started, engine.blocking)
 
-    async def detect_talking(self, turn_taking: bool) -> None:
+    async def detect_talking(self) -> None:
         """File mode: Asterisk takes the caller out of the bridge while it plays a file to them, so
-        their voice does not reach the media leg; its talk detection still hears them (barge-in)."""
-        if isinstance(self.player, FilePlayer) and (self._config.calls.barge_in or not turn_taking):
-            # (a cloud agent interrupts itself when it hears the caller, whatever BARGE_IN says)
+        their voice does not reach the media leg; its talk detection still hears them (barge-in).
+        Without barge-in nobody, the local pipeline nor a cloud agent, hears them over a file."""
+        if isinstance(self.player, FilePlayer) and self._config.calls.barge_in:
             await self.talk.enable()
 
     def play(self, pcm: bytes, rate: int, utterance_id: str) -> None:
