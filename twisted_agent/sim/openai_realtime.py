@@ -357,7 +357,7 @@ class FakeSession:
                                 "content": []}
         self.send("response.output_item.added", response_id=response_id, output_index=0, item=item)
         self._item_added(item)
-        pcm = ToneVoice().render(text)
+        pcm = self.fake.voice.render(text)
         audio = ulaw_encode(pcm) if self._is_pcmu("output_audio_format") else resample(pcm, 8000, 24000)
         per_ms = 8 if self._is_pcmu("output_audio_format") else 48
         self.sent_ms[item_id] = 0.0
@@ -495,6 +495,8 @@ class FakeRealtime:
         self.reactor = reactor
         self.api_key = api_key
         self.silence_ms = silence_ms
+        #: the agent's voice (anything with ``render(text) -> 8 kHz s16le``)
+        self.voice: Any = ToneVoice()
         self.script: list[dict[str, Any]] = []
         self.sessions: list[FakeSession] = []
         self.connections: list[RealtimeServerProtocol] = []
