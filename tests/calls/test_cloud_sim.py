@@ -216,6 +216,30 @@ async def test_the_agents_echo_does_not_interrupt_it_and_the_caller_over_the_ech
     assert fake.violations == []
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_ringbacks_echo_does_not_reach_a_cloud_agent_preparing_its_greeting(stacks: Any,
+                                                                                      clouds: Clouds) -> None:
+    """RINGBACK fills the second Deepgram takes to prepare the greeting; on an echoing line the
+    ringback's echo (-26 dBFS) would reach it as the caller's voice and spoil the greeting."""
+    from twisted_agent.sim.line import LineEcho
+
+    clouds.deepgram.greeting_delay = 1.0
+    stack = await cloud_stack(stacks, clouds, "deepgram", DOWNSTREAM_MODE="stream", RINGBACK="yes")
+    caller = stack.call()
+    caller.line(echo=LineEcho(delay_ms=40, gain_db=-10))
+    await caller.answered
+    call = the_call(stack)
+    await until(lambda: call.state == "speaking", timeout=10, what="the greeting")
+    await until(lambda: call.state == "listening", timeout=10, what="the greeting to play out")
+    [session] = clouds.deepgram.sessions
+    assert [m for m in session.sent if m["type"] == "UserStartedSpeaking"] == [], "nobody spoke"
+    assert call.barge_ins == [] and call.interruptions.cloud_suppressed > 40, "the ringback's echo went as silence"
+    assert call.conversation == [("agent", "Hello, how can I help you?")]
+    await caller.hangup()
+    await stack.all_released()
+    assert clouds.deepgram.violations == []
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest_twisted.ensureDeferred

@@ -234,7 +234,7 @@ class Call:
         if talk.on and self.state == "listening" and not self.gated and not self.session.detector.in_speech:
             talk.heard_line(frame)
         if not provider.wants_turn_taking:  # a cloud agent hears the caller throughout, but not our echo
-            provider.push_audio(self.interruptions.for_cloud(frame, self.agent_has_floor))
+            provider.push_audio(self.interruptions.for_cloud(frame, self.agent_has_floor or self.comfort_playing))
         elif not self.gated:
             provider.push_audio(frame)
         elif self.agent_has_floor and self.config.calls.barge_in and self.interruptions.frame(frame):

@@ -214,7 +214,9 @@ class DeepgramSession:
         if self._fake.answer_settings:
             self._send({"type": "SettingsApplied"})
             greeting = body["agent"].get("greeting")
-            if greeting:
+            if greeting and self._fake.greeting_delay > 0:  # the service synthesises it first
+                self._streaming = self._timers.later(self._fake.greeting_delay, self._agent_says, greeting, False)
+            elif greeting:
                 self._agent_says(greeting, latency=False)
 
     def _hear(self, frame: bytes) -> None:
@@ -429,6 +431,8 @@ class FakeDeepgram:
         self.audio_after_barge_in = 0
         #: False: never answer Settings (to test a client's bounded wait)
         self.answer_settings = True
+        #: seconds from SettingsApplied to the greeting's first audio (the real service takes about a second)
+        self.greeting_delay = 0.0
         self.sessions: list[DeepgramSession] = []
         self.connections: set[DeepgramServerProtocol] = set()
         self.refused = 0
