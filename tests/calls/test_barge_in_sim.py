@@ -151,8 +151,12 @@ async def test_file_mode_barge_in_stops_the_playback_deletes_its_file_and_answer
     origin = caller.answered_at
     assert origin is not None
     silent_after = origin + greeting[1] - speech_started
-    assert silent_after < 0.08, f"the file stopped {silent_after * 1000:.0f} ms after the caller began"
     confirmed_after = call.barge_ins[0] - speech_started
+    # at the caller's first syllable (talk detection), not once the barge-in is confirmed ~120 ms on;
+    # how fast exactly is bench/barge_in.py's business (p95 23 ms), this must hold on a busy machine too
+    assert silent_after < 0.2 and silent_after < confirmed_after - 0.05, \
+        f"the file stopped {silent_after * 1000:.0f} ms after the caller began, the barge-in was confirmed " \
+        f"at {confirmed_after * 1000:.0f} ms"
     assert 0.1 < confirmed_after < 0.25, f"confirmed {confirmed_after * 1000:.0f} ms after the caller began"
     heard = len(caller.heard_segments())
     await until(lambda: len(caller.heard_segments()) > heard, timeout=5, what="the answer")
