@@ -81,7 +81,9 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
 
 
-async def start(reactor: Any, greeting: str, mode: str = "stream") -> tuple[AsteriskSimulator, AgentService, str]:
+async def start(reactor: Any, greeting: str, mode: str = "stream",
+                **env: str) -> tuple[AsteriskSimulator, AgentService, str]:
+    """The simulator and an engine (echo provider unless ``env`` says otherwise) on loopback."""
     media_dir = tempfile.mkdtemp(prefix="ai-agent-bench-")
     sim = AsteriskSimulator(reactor, username="ai-agent", password="bench")
     await sim.start()
@@ -90,7 +92,7 @@ async def start(reactor: Any, greeting: str, mode: str = "stream") -> tuple[Aste
         "RTP_HOST": "127.0.0.1", "RTP_PORT": str(free_port(socket.SOCK_DGRAM)), "RTP_ADVERTISE_HOST": "127.0.0.1",
         "AUDIOSOCKET_HOST": "127.0.0.1", "AUDIOSOCKET_PORT": str(free_port()), "HEALTH_HOST": "127.0.0.1",
         "HEALTH_PORT": str(free_port()), "MEDIA_DIR": media_dir, "AI_PROVIDER": "echo", "NO_AUDIO_SECONDS": "0",
-        "DOWNSTREAM_MODE": mode, "DRAIN_TIMEOUT": "1", "CONTEXT_DEFAULT_GREETING": greeting,
+        "DOWNSTREAM_MODE": mode, "DRAIN_TIMEOUT": "1", "CONTEXT_DEFAULT_GREETING": greeting, **env,
     })
     service = AgentService(config, reactor)
     service.providers.factories["echo"] = SpeechEchoFactory(reactor)

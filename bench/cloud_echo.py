@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import statistics
 import sys
-import tempfile
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,12 +33,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 from twisted.internet import task  # noqa: E402
 from twisted.internet.defer import Deferred  # noqa: E402
 
-from bench.barge_in import CLIP, LEAD_S, SpeechVoice, percentile  # noqa: E402
+from bench.barge_in import CLIP, LEAD_S, SpeechVoice, percentile, start, stop  # noqa: E402
 from twisted_agent.calls.interruptions import Interruptions  # noqa: E402
-from twisted_agent.config import load_config  # noqa: E402
-from twisted_agent.demo import APP, free_port, sleep, until  # noqa: E402
-from twisted_agent.service import AgentService  # noqa: E402
-from twisted_agent.sim import AsteriskSimulator  # noqa: E402
+from twisted_agent.demo import APP, sleep, until  # noqa: E402
 from twisted_agent.sim.deepgram import FakeDeepgram  # noqa: E402
 from twisted_agent.sim.line import LineEcho, LineNoise  # noqa: E402
 from twisted_agent.sim.openai_realtime import FakeRealtime  # noqa: E402
@@ -50,53 +45,34 @@ REPLY = " ".join(["bread"] * 40)  # 6.4 s of voice
 
 
 class Run:
-    """The simulator, both fake services and an engine whose calls go to ``provider``."""
+    """Both fake services, and the simulator with an engine (bench/barge_in.py's) whose calls go to
+    ``provider``."""
 
     def __init__(self, reactor: Any, provider: str, greeting: str) -> None:
         self.reactor = reactor
         self.provider = provider
         self.greeting = greeting
-        self.media_dir = tempfile.mkdtemp(prefix="ai-agent-bench-")
-        self.sim = AsteriskSimulator(reactor, username="ai-agent", password="bench")
         self.deepgram = FakeDeepgram(reactor, api_key="bench")
         self.openai = FakeRealtime(reactor, api_key="bench")
         for fake in (self.deepgram, self.openai):
             fake.voice = SpeechVoice()
         self.fake: Any = self.deepgram if provider == "deepgram" else self.openai
-        self.service: AgentService | None = None
 
     async def __aenter__(self) -> Run:
-        await self.sim.start()
         await self.deepgram.start()
         await self.openai.start()
-        config = load_config(None, {
-            "ARI_URL": self.sim.ari_url, "ARI_USERNAME": "ai-agent", "ARI_PASSWORD": "bench", "ARI_APP": APP,
-            "RTP_HOST": "127.0.0.1", "RTP_PORT": str(free_port(socket.SOCK_DGRAM)),
-            "RTP_ADVERTISE_HOST": "127.0.0.1", "AUDIOSOCKET_HOST": "127.0.0.1", "AUDIOSOCKET_PORT": str(free_port()),
-            "HEALTH_HOST": "127.0.0.1", "HEALTH_PORT": str(free_port()), "MEDIA_DIR": self.media_dir,
-            "NO_AUDIO_SECONDS": "0", "DOWNSTREAM_MODE": "stream", "DRAIN_TIMEOUT": "1",
-            "CONTEXT_DEFAULT_GREETING": self.greeting, "AI_PROVIDER": self.provider,
-            "DEEPGRAM_API_KEY": "bench", "DEEPGRAM_URL": self.deepgram.url,
-            "OPENAI_API_KEY": "bench", "OPENAI_REALTIME_URL": self.openai.url,
-        })
-        self.service = AgentService(config, self.reactor)
-        self.service.privilegedStartService()
-        self.service.startService()
-        await until(self.reactor, lambda: self.service is not None and self.service.ari.connected, 10, "ARI")
+        self.sim, self.service, self.media_dir = await start(
+            self.reactor, self.greeting, "stream", AI_PROVIDER=self.provider,
+            DEEPGRAM_API_KEY="bench", DEEPGRAM_URL=self.deepgram.url,
+            OPENAI_API_KEY="bench", OPENAI_REALTIME_URL=self.openai.url)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self.service is not None:
-            await self.service.stopService()
-        await self.sim.stop()
+        await stop(self.sim, self.service, self.media_dir)
         await self.deepgram.stop()
         await self.openai.stop()
-        for name in os.listdir(self.media_dir):
-            os.unlink(os.path.join(self.media_dir, name))
-        os.rmdir(self.media_dir)
 
     async def call(self, echo: bool, noise: bool) -> tuple[Any, Any]:
-        assert self.service is not None
         caller = self.sim.originate(APP)
         caller.line(echo=LineEcho(40, -10) if echo else None, noise=LineNoise(-40) if noise else None)
         await caller.answered

@@ -64,6 +64,7 @@ class Interruptions:
         #: for_cloud(): the previous caller frame (the judge looks at 40 ms), frames still passing unjudged
         self._cloud_previous = b""
         self._cloud_hangover = 0
+        self._cloud_silence = b""  # what goes in place of a frame (made once: this runs for every frame)
         #: caller frames a cloud agent got as silence while the agent had the floor (echo, noise)
         self.cloud_suppressed = 0
         #: the file was paused for the caller's talk (at this count of inbound frames); None: not paused
@@ -105,7 +106,9 @@ class Interruptions:
                 self._cloud_hangover = CLOUD_HANGOVER_FRAMES
                 return frame
         self.cloud_suppressed += 1
-        return bytes(len(frame))
+        if len(self._cloud_silence) != len(frame):
+            self._cloud_silence = bytes(len(frame))
+        return self._cloud_silence
 
     def voice_stopped(self) -> None:
         """No frame may come to end the caller's voice (a silent Local channel): ask the clock."""
