@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 
+import pytest
+
 from tests.helpers import BIN, loopback_env
 from twisted_agent import cli
+from twisted_agent.web.auth import PasswordHash
 
 AI_AGENT = os.path.join(BIN, "ai-agent")
 
@@ -27,10 +31,14 @@ def test_config_shows_sources_and_masks_secrets(capsys, monkeypatch, tmp_path):
 
 def test_demo_runs_a_whole_simulated_call(tmp_path):
     wav = tmp_path / "heard.wav"
-    result = subprocess.run([AI_AGENT, "demo", "--wav", str(wav)], env=loopback_env(), capture_output=True,
-                            text=True, timeout=120)
+    # no models: the demo says why the local pipeline cannot run, with the fix, and uses echo
+    empty = tmp_path / "no-models"
+    result = subprocess.run([AI_AGENT, "demo", "--wav", str(wav)], env=loopback_env(MODELS_DIR=str(empty)),
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
+    assert "provider local cannot run here" in out and "the demo uses the echo provider" in out
+    assert f"models install --models-dir {empty}" in out
     assert "agent:  Hello, how can I help you?" in out
     assert "caller: [" in out and "agent:  You spoke for 3." in out
     assert "after turn end" in out and "voice to voice" in out
@@ -54,3 +62,65 @@ def test_version_and_usage():
     assert subprocess.run([AI_AGENT, "version"], capture_output=True, text=True).stdout.strip() == "0.1.0"
     result = subprocess.run([AI_AGENT], capture_output=True, text=True)
     assert result.returncode == 2 and "check" in result.stderr
+
+
+# --- ai-agent admin-password: at least 12 characters ----------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _printed_hash(out: str) -> str:
+    line = out.strip()
+    assert line.startswith("ADMIN_PASSWORD_HASH='") and line.endswith("'"), line
+    return line[len("ADMIN_PASSWORD_HASH='"):-1]
+
+
+@pytest.mark.parametrize("on_a_terminal", [False, True], ids=["stdin", "terminal"])
+def test_admin_password_refuses_eleven_characters(monkeypatch, capsys, on_a_terminal):
+    eleven = "abcdefghijk"
+    asked: list[str] = []
+
+    def getpass(prompt: str = "") -> str:
+        asked.append(prompt)
+        return eleven
+
+    if on_a_terminal:
+        monkeypatch.setattr("sys.stdin", _Terminal())
+        monkeypatch.setattr("getpass.getpass", getpass)
+    else:
+        monkeypatch.setattr("sys.stdin", io.StringIO(eleven + "\n"))
+    assert cli.main(["admin-password"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ("ai-agent: the password is too short: 11 characters, the admin UI needs at least 12; "
+                            "nothing changed\n")
+    assert eleven not in captured.err
+    if on_a_terminal:
+        assert len(asked) == 1 and "at least 12 characters" in asked[0], "refused before asking again"
+
+
+@pytest.mark.parametrize("on_a_terminal", [False, True], ids=["stdin", "terminal"])
+def test_admin_password_accepts_twelve_characters(monkeypatch, capsys, on_a_terminal):
+    twelve = "abcdefghijkl"
+    if on_a_terminal:
+        monkeypatch.setattr("sys.stdin", _Terminal())
+        monkeypatch.setattr("getpass.getpass", lambda prompt="": twelve)
+    else:
+        monkeypatch.setattr("sys.stdin", io.StringIO(twelve + "\n"))
+    assert cli.main(["admin-password"]) == 0
+    assert PasswordHash.parse(_printed_hash(capsys.readouterr().out)).verify(twelve)
+
+
+def test_admin_password_from_a_pipe_of_the_real_command():
+    # the scripted path as an operator runs it, through the installed entry point
+    short = subprocess.run([AI_AGENT, "admin-password"], input="short-pass\n", capture_output=True, text=True,
+                           timeout=60, env=loopback_env())
+    assert short.returncode == 2 and short.stdout == ""
+    assert "at least 12" in short.stderr and "short-pass" not in short.stderr
+    ok = subprocess.run([AI_AGENT, "admin-password"], input="long-enough-pass\n", capture_output=True, text=True,
+                        timeout=60, env=loopback_env())
+    assert ok.returncode == 0, ok.stderr
+    assert PasswordHash.parse(_printed_hash(ok.stdout)).verify("long-enough-pass")

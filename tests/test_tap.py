@@ -142,3 +142,82 @@ def test_twistd_help_lists_the_plugin():
 
 def test_free_port_helper_gives_distinct_ports():
     assert free_port() > 0
+
+
+# --- LOG_FORMAT/LOG_LEVEL under twistd: both formats filtered, written where twistd would -----------
+
+
+@pytest.mark.parametrize(("log_format", "observer"), [("text", "text_observer"), ("json", "json_observer")])
+def test_twistd_options_install_the_filtered_observer(tmp_path, monkeypatch, log_format, observer):
+    from twisted.scripts.twistd import ServerOptions
+
+    from twisted_agent import logging as agent_logging
+
+    monkeypatch.setattr(agent_logging, "configured_level", None)
+    monkeypatch.setattr(agent_logging, "twistd_options", {})
+    monkeypatch.setenv("LOG_FORMAT", log_format)
+    monkeypatch.setenv("LOG_LEVEL", "warn")
+    logfile = str(tmp_path / "agent.log")
+    options = ServerOptions()
+    options.parseOptions(["-n", "--pidfile=", "--logfile", logfile, "ai-agent"])
+    assert options["logger"] is getattr(agent_logging, observer)
+    assert agent_logging.configured_level == "warn"
+    assert agent_logging.twistd_options["logfile"] == logfile and agent_logging.twistd_options["nodaemon"]
+
+
+def test_twistd_logger_option_wins(monkeypatch):
+    from twisted.scripts.twistd import ServerOptions
+
+    from twisted_agent import logging as agent_logging
+
+    monkeypatch.setattr(agent_logging, "configured_level", None)
+    monkeypatch.setattr(agent_logging, "twistd_options", {})
+    monkeypatch.setenv("LOG_FORMAT", "text")
+    options = ServerOptions()
+    options.parseOptions(["-n", "--logger", "twisted_agent.logging.json_observer", "ai-agent"])
+    assert options["logger"] is agent_logging.json_observer
+
+
+def run_agent_until_it_retried(args, env, until, timeout=30.0):
+    """Run ``twistd -n ai-agent`` against an ARI port nobody listens on until ``until(stdout)`` holds (or
+    the time is up), then stop it; its stdout, stderr and exit code."""
+    process = subprocess.Popen([TWISTD, "-n", "--pidfile=", *args, "ai-agent"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{env['HEALTH_PORT']}/live")
+        deadline = time.monotonic() + timeout
+        while not until() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return out, err, process.returncode
+
+
+def test_twistd_text_log_at_info_has_no_debug_and_no_twisted_chatter(tmp_path):
+    # -l: the text log goes to the file, as twistd's own would; two failed reconnections are in it
+    logfile = tmp_path / "agent.log"
+    # the echo provider: no models to load, so the agent is up at once
+    env = loopback_env(LOG_FORMAT="text", LOG_LEVEL="info", MEDIA_DIR=str(tmp_path), AI_PROVIDER="echo")
+
+    def retried_twice():
+        return logfile.exists() and "Scheduling retry 2 to connect" in logfile.read_text()
+
+    out, err, code = run_agent_until_it_retried(["--logfile", str(logfile)], {**env, "LOG_LEVEL": "debug"},
+                                                retried_twice)
+    assert code in (0, -signal.SIGTERM), err
+    text = logfile.read_text()
+    assert out == "" and "#debug] Scheduling retry 2 to connect" in text, "at debug the chatter is there"
+
+    logfile.unlink()
+    out, err, code = run_agent_until_it_retried(["--logfile", str(logfile)], env, lambda: False, timeout=4.0)
+    assert code in (0, -signal.SIGTERM), err
+    text = logfile.read_text()
+    assert out == ""
+    assert "#info] twisted-agent " in text and "#warn] ARI events: cannot connect to ws://127.0.0.1:" in text
+    assert "#debug]" not in text
+    for chatter in ("Scheduling retry", "Starting factory", "Stopping factory"):
+        assert chatter not in text, text

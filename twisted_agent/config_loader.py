@@ -17,6 +17,7 @@ import yaml
 
 from twisted_agent import settings as s
 from twisted_agent.config import (
+    ARI_PASSWORD_PLACEHOLDER,
     CONTEXT_ENV_PREFIX,
     CONTEXT_FIELDS,
     SETTINGS_BY_KEY,
@@ -263,6 +264,8 @@ def _finish(config: AgentConfig, loader: _Loader, resolve_address: AddressResolv
         shown = None if info.secret else s.text(setting_value(config, key))
         return ConfigError(_display_key(key, info.env, origin), origin, problem, shown)
 
+    if config.ari.password.strip().lower() == ARI_PASSWORD_PLACEHOLDER:
+        raise _placeholder_password(config, origin_of("ari.password"))
     calls = config.calls
     if calls.default_context not in config.contexts:
         raise fail("calls.default_context",
@@ -295,6 +298,19 @@ def _finish(config: AgentConfig, loader: _Loader, resolve_address: AddressResolv
         store = dataclasses.replace(store, engine_id=f"{socket.gethostname()}-{config.ari.app}")
         sources["store.engine_id"] = "derived"
     return dataclasses.replace(config, media=derived_media, store=store, sources=dict(sources))
+
+
+def _placeholder_password(config: AgentConfig, origin: str) -> ConfigError:
+    """ARI_PASSWORD is the example files' placeholder: name where it was read, and what to do."""
+    key = "ARI_PASSWORD" if origin == "environment" else "ari.password"
+    secret_file = config.secret_files.get("ari.password")
+    if secret_file is not None:
+        origin = f"file {secret_file}"
+    return ConfigError(
+        key, origin,
+        f"still the example placeholder {ARI_PASSWORD_PLACEHOLDER!r} of ai-agent.env.example and ari.conf: give the "
+        f"[{config.ari.username}] user in ari.conf a password of your own (e.g. `openssl rand -base64 24`) and the "
+        "agent the same one")
 
 
 def _same_listener(host_a: str, port_a: int, host_b: str, port_b: int) -> bool:

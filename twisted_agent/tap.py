@@ -24,6 +24,16 @@ def fail(message: str, code: int = 2) -> SystemExit:
     return SystemExit(code)
 
 
+#: LOG_FORMAT -> the observer factory installed as twistd's ``--logger`` (both filter at LOG_LEVEL)
+LOGGERS = {
+    "text": "twisted_agent.logging.text_observer",
+    "json": "twisted_agent.logging.json_observer",
+}
+
+#: twistd's options that decide where its text log goes (twisted.scripts._twistd_unix.UnixAppLogger)
+LOGGING_OPTIONS = ("logfile", "nodaemon", "syslog", "prefix")
+
+
 class Options(usage.Options):
     synopsis = "[--config FILE]"
     longdesc = (
@@ -48,9 +58,13 @@ class Options(usage.Options):
 
         agent_logging.configured_level = self.config.logging.level
         parent = getattr(self, "parent", None)
-        if self.config.logging.format == "json" and parent is not None and parent.get("logger") is None:
-            # twistd resolves this name after the sub-command's options, before logging starts
-            parent["logger"] = "twisted_agent.logging.json_observer"
+        if parent is not None:
+            # twistd's own options come before the sub-command's, so they are parsed already
+            agent_logging.twistd_options = {name: parent[name] for name in LOGGING_OPTIONS if name in parent}
+            if parent.get("logger") is None:
+                # twistd resolves this name after the sub-command's options, before logging starts;
+                # without it twistd's own text observer would write every level
+                parent["logger"] = LOGGERS[self.config.logging.format]
 
 
 class TwistdAgentService(AgentService):

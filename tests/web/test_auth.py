@@ -269,23 +269,23 @@ def printed_hash(out: str) -> str:
 
 
 def test_admin_password_reads_one_line_from_a_pipe(monkeypatch, capsys):
-    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret pass\nignored\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret passphrase\nignored\n"))
     assert cli.main(["admin-password"]) == 0
     captured = capsys.readouterr()
-    assert PasswordHash.parse(printed_hash(captured.out)).verify("s3cret pass")
+    assert PasswordHash.parse(printed_hash(captured.out)).verify("s3cret passphrase")
     assert "s3cret" not in captured.err and "EnvironmentFile" in captured.err
 
 
 def test_admin_password_asks_twice_on_a_terminal(monkeypatch, capsys):
-    answers = iter(["typed twice", "typed twice"])
+    answers = iter(["typed it twice", "typed it twice"])
     monkeypatch.setattr("sys.stdin", Terminal())
     monkeypatch.setattr("getpass.getpass", lambda prompt="": next(answers))
     assert cli.main(["admin-password"]) == 0
-    assert PasswordHash.parse(printed_hash(capsys.readouterr().out)).verify("typed twice")
+    assert PasswordHash.parse(printed_hash(capsys.readouterr().out)).verify("typed it twice")
 
 
 def test_admin_password_refuses_a_mismatch_or_nothing(monkeypatch, capsys):
-    answers = iter(["one", "two"])
+    answers = iter(["first long password", "second long password"])
     monkeypatch.setattr("sys.stdin", Terminal())
     monkeypatch.setattr("getpass.getpass", lambda prompt="": next(answers))
     assert cli.main(["admin-password"]) == 1

@@ -245,6 +245,7 @@ def _is_tls_error(error: object) -> bool:
 
 class ARIEventsFactory(WebSocketClientFactory):
     protocol = ARIEventsProtocol  # type: ignore[assignment]
+    noisy = False  # no "Starting factory" at info on every attempt: the service logs the outage once
 
     def __init__(self, service: ARIEventsService, config: ARIConfig, reactor: Any) -> None:
         super().__init__(

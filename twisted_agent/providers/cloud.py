@@ -78,6 +78,7 @@ class CloudSocket(WebSocketClientProtocol):
 
 class _CloudFactory(WebSocketClientFactory):
     protocol = CloudSocket  # type: ignore[assignment]
+    noisy = False  # no "Starting factory" per call at info: the call's own events say what happened
 
     def __init__(self, service: str, url: str, headers: dict[str, str], listener: Any) -> None:
         super().__init__(url, headers=headers)
