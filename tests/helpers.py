@@ -9,9 +9,24 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pytest
 
 from twisted_agent.demo import free_port as free_port  # one helper for package and tests
+
+
+def unavailable(message: str) -> NoReturn:
+    """What a test does when something optional it needs is absent: skip with ``message``, which
+    says how to provide it, or fail under ``CI=true``, where everything is supposed to be there."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+#: Asterisk 22.10.1's ARI Swagger files, kept in the repository (tests/data/ari-api-docs/README.md)
+ARI_API_DOCS = Path(__file__).resolve().parent / "data" / "ari-api-docs"
 
 BIN = os.path.dirname(sys.executable)
 

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -173,8 +174,8 @@ def test_loopback_media_address_for_a_remote_asterisk_warns():
     assert results[0].status == "warn" and "RTP_ADVERTISE_HOST" in results[0].fix
 
 
-def test_providers_default_fails_others_inform():
-    results = check.check_providers(config_for(AI_PROVIDER="deepgram"))
+def test_providers_default_fails_others_inform(tmp_path):
+    results = check.check_providers(config_for(AI_PROVIDER="deepgram", MODELS_DIR=str(tmp_path)))
     by_label = {r.summary.split(":")[0]: r for r in results}
     assert by_label["deepgram (default)"].status == "FAIL"
     assert by_label["deepgram (default)"].fix == "set DEEPGRAM_API_KEY in the service's EnvironmentFile"
@@ -186,7 +187,20 @@ def test_local_provider_without_models_names_the_install_command(tmp_path):
     local = next(r for r in results if r.summary.startswith("local (default)"))
     assert local.status == "FAIL"
     assert "models not installed" in local.summary and str(tmp_path) in local.summary
-    assert local.fix == "ai-agent models install --only tiny.en,en_US-joe-medium,qwen2.5-0.5b"
+    # the one command the README gives for production, here with this environment and directory
+    assert local.fix == f"{os.path.dirname(sys.executable)}/ai-agent models install --models-dir {tmp_path}"
+
+
+def test_the_install_hint_is_the_readmes_production_command_word_for_word(monkeypatch):
+    """In the service's virtual environment, with nothing installed, `ai-agent check` gives the
+    README's command; that command installs libraries and models alike, so the hint cannot loop."""
+    monkeypatch.setattr(sys, "executable", "/opt/ai-agent/.venv/bin/python")
+    config = config_for(MODELS_DIR="/var/lib/ai-agent/models")
+    local = next(r for r in check.check_providers(config) if r.summary.startswith("local (default)"))
+    assert local.status == "FAIL"
+    assert local.fix == "/opt/ai-agent/.venv/bin/ai-agent models install --models-dir /var/lib/ai-agent/models"
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert local.fix in readme
 
 
 def test_local_provider_with_one_model_missing_names_it(tmp_path):
@@ -199,7 +213,7 @@ def test_local_provider_with_one_model_missing_names_it(tmp_path):
     if "not installed: openai-whisper" in local.summary or "piper-tts" in local.summary:
         pytest.skip("the local extra is not installed here")
     assert local.status == "FAIL" and "'smollm2-135m'" in local.summary
-    assert local.fix == "ai-agent models install --only smollm2-135m"
+    assert local.fix == f"{os.path.dirname(sys.executable)}/ai-agent models install --models-dir {tmp_path}"
 
 
 def test_world_readable_secret_file_warns(tmp_path):

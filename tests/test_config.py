@@ -447,3 +447,48 @@ def test_a_wav_file_of_ones_own_is_a_filler(tmp_path):
     assert config.calls.filler == str(path)
     assert len(load_filler(config.calls.filler)) == 16000, "one second at the call's 8 kHz"
     assert load_filler("none") == b"" and len(load_filler("tone")) == 32000 and len(load_filler("phrase")) > 8000
+
+
+def test_models_dir_defaults_to_the_checkout_when_run_from_one(tmp_path: Path) -> None:
+    checkout = Path(__file__).resolve().parent.parent
+    assert c.source_checkout() == str(checkout)
+    assert c.load_config(None, {}, lambda h, p: "127.0.0.1").providers.local.models_dir == str(checkout / ".models")
+    # a wheel install: the package sits in site-packages, with no project files beside it
+    package = tmp_path / "lib" / "python3.11" / "site-packages" / "twisted_agent"
+    package.mkdir(parents=True)
+    (package / "config.py").write_text("")
+    assert c.source_checkout(str(package / "config.py")) is None
+    for marker in ("pyproject.toml", "setup.cfg"):
+        (package.parent / marker).write_text("")
+    assert c.source_checkout(str(package / "config.py")) == str(package.parent)
+    assert c.PRODUCTION_MODELS_DIR == "/var/lib/ai-agent/models"
+    # MODELS_DIR still wins
+    config = c.load_config(None, {"MODELS_DIR": str(tmp_path)}, lambda h, p: "127.0.0.1")
+    assert config.providers.local.models_dir == str(tmp_path)
+
+
+# --- the example files' ARI password placeholder ------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["change-me", "CHANGE-ME", " change-me "])
+def test_the_example_ari_password_is_refused_from_the_environment(value):
+    message = error_of(env={"ARI_PASSWORD": value})
+    assert message == (
+        "config error: ARI_PASSWORD (environment): still the example placeholder 'change-me' of ai-agent.env.example "
+        "and ari.conf: give the [ai-agent] user in ari.conf a password of your own (e.g. `openssl rand -base64 24`) "
+        "and the agent the same one")
+
+
+def test_the_example_ari_password_is_refused_from_a_secret_file(tmp_path):
+    secret = tmp_path / "ari-password"
+    secret.write_text("change-me\n")
+    os.chmod(secret, 0o600)
+    message = error_of(env={"ARI_PASSWORD_FILE": str(secret), "ARI_USERNAME": "pbx-agent"})
+    assert message.startswith(f"config error: ARI_PASSWORD (file {secret}): still the example placeholder 'change-me'")
+    assert "[pbx-agent] user in ari.conf" in message
+    message = error_of(f"ari:\n  password_file: {secret}\n", None, tmp_path)
+    assert message.startswith(f"config error: ari.password (file {secret}): still the example placeholder")
+
+
+def test_a_password_that_only_contains_the_placeholder_is_accepted():
+    assert load(env={"ARI_PASSWORD": "change-me-not"}).ari.password == "change-me-not"

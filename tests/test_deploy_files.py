@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import configparser
 import re
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
-from twisted_agent.config import SETTINGS, AgentConfig, load_config
+from twisted_agent.config import (
+    ARI_PASSWORD_PLACEHOLDER,
+    PRODUCTION_MODELS_DIR,
+    SETTINGS,
+    AgentConfig,
+    ConfigError,
+    load_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,8 +39,11 @@ def test_example_config_loads_and_documents_every_key():
         assert info.env in text, f"{path} does not name {info.env} for {info.key}"
     # The example keeps the shipped defaults, so it documents what an empty file means.
     defaults = load_config(None, {}, lambda host, port: "127.0.0.1")
+    # the production models directory: the default of an installed agent (a checkout uses .models)
+    assert config.providers.local.models_dir == PRODUCTION_MODELS_DIR
     for info in SETTINGS:
-        if info.key not in ("media.advertise_host", "store.engine_id"):  # derived when empty
+        if info.key not in ("media.advertise_host", "store.engine_id",  # derived when empty
+                            "providers.local.models_dir"):
             assert config.sources.get(info.key) in ("file", "default")
             assert _value(config, info.key) == _value(defaults, info.key), info.key
 
@@ -50,6 +62,7 @@ def test_systemd_unit():
     service = parser["Service"]
     assert "twistd -n --pidfile= ai-agent --config /etc/ai-agent/ai-agent.yaml" in service["ExecStart"]
     assert service["Restart"] == "on-failure"
+    assert service["KillMode"] == "mixed"  # the engine drains; its workers are not signalled first
     assert service["User"] == "ai-agent"
     assert service["EnvironmentFile"].lstrip("-") == "/etc/ai-agent/ai-agent.env"
     assert service["NoNewPrivileges"] == "yes"
@@ -85,3 +98,70 @@ def test_licenses_present():
     assert "MIT License" in (ROOT / "LICENSE").read_text()
     notices = (ROOT / "THIRD_PARTY_NOTICES.md").read_text()
     assert "piper-tts" in notices and "GPL" in notices
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    """NAME=value lines, as systemd's EnvironmentFile= reads the example (no quoting used in it)."""
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            env[name.strip()] = value.strip()
+    return env
+
+
+def test_example_ari_passwords_agree_and_are_refused_as_shipped():
+    env_example = ROOT / "etc" / "ai-agent.env.example"
+    env = _env_file(env_example)
+    ari = configparser.ConfigParser(strict=False, interpolation=None, inline_comment_prefixes=(";",))
+    ari.read(ROOT / "etc" / "asterisk" / "ari.conf")
+    user = load_config(None, {}, lambda h, p: "127.0.0.1").ari.username
+    # the same placeholder in both files: installed as shipped, the agent and Asterisk agree ...
+    assert env["ARI_PASSWORD"] == ari[user]["password"] == ARI_PASSWORD_PLACEHOLDER
+    # ... and the agent refuses it, naming the key, where it came from and what to do
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env, lambda h, p: "127.0.0.1")
+    assert (info.value.key, info.value.origin) == ("ARI_PASSWORD", "environment")
+    assert f"example placeholder {ARI_PASSWORD_PLACEHOLDER!r}" in str(info.value)
+    assert f"[{user}] user in ari.conf" in str(info.value)
+    # with a password of one's own, the rest of the example loads
+    config = load_config(None, {**env, "ARI_PASSWORD": "a-password-of-my-own"}, lambda h, p: "127.0.0.1")
+    assert config.ari.password == "a-password-of-my-own"
+
+
+#: texts from before the parts they describe were built (the call engine, the local pipeline, the
+#: model installer, the cloud providers): all of them are built now
+STALE_PHRASES = ("not built yet", "not yet built", "not yet implemented", "until the call engine is built",
+                 "unbuilt part")
+
+
+def _project_text_files() -> list[Path]:
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                                capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    files = []
+    for name in sorted(set(listed.decode("utf-8").split("\0")) - {""}):
+        path = ROOT / name
+        if path.is_file() and path != Path(__file__).resolve():  # this file names the phrases
+            files.append(path)
+    return files
+
+
+def test_no_stale_not_built_yet_texts():
+    found = []
+    for path in _project_text_files():
+        data = path.read_bytes()
+        if b"\0" in data:
+            continue  # binary
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            lowered = line.lower()
+            found += [f"{path.relative_to(ROOT)}:{number}: {phrase!r}: {line.strip()}"
+                      for phrase in STALE_PHRASES if phrase in lowered]
+    assert not found, "stale texts:\n" + "\n".join(found)

@@ -25,8 +25,29 @@ from twisted_agent import settings as s
 DEFAULT_CONFIG_PATH = "/etc/ai-agent/ai-agent.yaml"
 CONFIG_PATH_ENV = "AI_AGENT_CONFIG"
 
+#: the ARI password that etc/ai-agent.env.example and etc/asterisk/ari.conf ship: refused, so that the
+#: two files installed as shipped fail with a clear message instead of a working, well-known password
+ARI_PASSWORD_PLACEHOLDER = "change-me"
+
 #: echo answers with how long the caller spoke: for tests, benchmarks and trying the call path
 PROVIDER_NAMES = ("local", "deepgram", "openai_realtime", "echo")
+
+PRODUCTION_MODELS_DIR = "/var/lib/ai-agent/models"
+
+
+def source_checkout(module_file: str = __file__) -> str | None:
+    """The clone this package runs from (``make`` installs it editable), or None when installed
+    from a wheel (site-packages holds no pyproject.toml beside the package)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(module_file)))
+    markers = ("pyproject.toml", "setup.cfg", os.path.join("twisted_agent", "config.py"))
+    return root if all(os.path.isfile(os.path.join(root, m)) for m in markers) else None
+
+
+def default_models_dir() -> str:
+    """MODELS_DIR's default: the production directory, or ``.models`` in a source checkout, where
+    ``make demo`` and ``make test`` install the models, so commands run from the clone find them."""
+    checkout = source_checkout()
+    return os.path.join(checkout, ".models") if checkout else PRODUCTION_MODELS_DIR
 
 
 class ConfigError(Exception):
@@ -244,8 +265,9 @@ class CallsConfig:
 @dataclass(frozen=True)
 class LocalProviderConfig:
     models_dir: str = setting(
-        "MODELS_DIR", "/var/lib/ai-agent/models", s.absolute_path,
-        "where `ai-agent models install` puts converted and assembled models")
+        "MODELS_DIR", default_models_dir(), s.absolute_path,
+        "where `ai-agent models install` puts the models and the local pipeline reads them (default "
+        f"{PRODUCTION_MODELS_DIR}; .models in a source checkout, where `make demo` installs them)")
     stt_model: str = setting(
         "WHISPER_MODEL", "tiny.en", s.nonempty_text,
         "Whisper model: an installed name (tiny.en, base) or a path to a .pt file")
@@ -338,7 +360,7 @@ class ProvidersConfig:
 class LoggingConfig:
     format: str = setting(
         "LOG_FORMAT", "text", s.choice("text", "json"), "text, or JSON lines for journald (twistd --logger wins)")
-    level: str = setting("LOG_LEVEL", "info", s.log_level, "lowest level written by the JSON observer")
+    level: str = setting("LOG_LEVEL", "info", s.log_level, "lowest level written to the log, text or JSON")
 
 
 @dataclass(frozen=True)

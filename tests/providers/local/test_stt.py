@@ -32,11 +32,13 @@ from twisted.internet.defer import CancelledError, succeed
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
+from tests.helpers import unavailable
 from tests.media.speech import SENTENCE, silence, speech, white_noise
 from twisted_agent import demo
 from twisted_agent.config import LocalProviderConfig
 from twisted_agent.providers.local import stt as stt_module
 from twisted_agent.providers.local.interfaces import ISpeechToText
+from twisted_agent.providers.local.models import install_command
 from twisted_agent.providers.local.stt import (
     MIN_VOICED_MS,
     Recognition,
@@ -62,10 +64,8 @@ def require(*packages: str) -> None:
     if not missing:
         return
     message = (f"{', '.join(missing)} not installed: the real-model tests need the local extras "
-               "(make install-local)")
-    if os.environ.get("CI"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+               "(`make test` installs them)")
+    unavailable(message)
 
 
 @cache
@@ -284,7 +284,7 @@ def test_status_and_errors_when_the_model_is_not_installed(tmp_path: Any) -> Non
     assert not status.ready and not status.loaded
     if importlib.util.find_spec("whisper") is not None:
         assert "not installed" in status.detail and str(tmp_path) in status.detail
-        assert status.fix == "ai-agent models install --only tiny.en"
+        assert status.fix == install_command(config)
     from twisted_agent.providers.local.models import ModelMissing
 
     for d in (service.start(), service.transcribe(silence(500), 8000)):

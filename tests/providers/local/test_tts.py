@@ -30,6 +30,7 @@ from tests.media.speech import require_speech_tools, rms_dbfs
 from tests.providers.local.test_stt import reactor, require, whisper_config
 from twisted_agent.config import LocalProviderConfig
 from twisted_agent.providers.local.interfaces import ITextToSpeech
+from twisted_agent.providers.local.models import install_command
 from twisted_agent.providers.local.stt import WhisperSTT, normalise_text
 from twisted_agent.providers.local.tts import EspeakTTS, PiperTTS, WavError, make_tts, parse_wav, speak
 
@@ -200,7 +201,7 @@ def test_piper_status_when_the_voice_is_not_installed(tmp_path: Any) -> None:
     status = tts.status()
     assert not status.ready and not status.loaded
     if status.detail != "piper-tts is not installed":
-        assert "not installed" in status.detail and status.fix == "ai-agent models install --only en_US-joe-medium"
+        assert "not installed" in status.detail and status.fix == install_command(tts.config)
 
 
 # -- the round trip -------------------------------------------------------------------------------

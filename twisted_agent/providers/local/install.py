@@ -12,8 +12,12 @@ For each selected model (see :data:`~twisted_agent.providers.local.models.MODELS
 4. Whisper: the CT2 weights are converted to an openai-whisper ``.pt`` (needs torch), written the
    same way, with its sha256 beside it.
 
-When an embedded (GGUF) model is selected and ``llama_cpp`` cannot be imported,
-llama-cpp-python is built from source first, portably (see :data:`LLAMA_CMAKE_ARGS`).
+Before the models, the libraries the configured pipeline needs are installed into the Python
+environment this runs from, when they cannot be imported (:func:`install_libraries`): the
+``[local]`` extra's packages, openai-whisper without its GPU-only triton dependency, and, when an
+embedded (GGUF) model is selected, llama-cpp-python built from source, portably (see
+:data:`LLAMA_CMAKE_ARGS`). So one command, the one every fix hint gives
+(:func:`~twisted_agent.providers.local.models.install_command`), makes the local pipeline ready.
 
 Nothing here runs in the reactor: it is a command-line tool.
 """
@@ -48,9 +52,12 @@ from twisted_agent.providers.local.models import (
     verify_file,
 )
 
-#: What ``ai-agent models install`` installs without ``--only``. "whisper" and "piper" stand for
-#: the configured WHISPER_MODEL and TTS_VOICE (tiny.en and en_US-joe-medium by default).
-DEFAULT_SELECTION = ("whisper", "piper", "smollm2-135m", "qwen2.5-0.5b")
+DISTRIBUTION = "twisted-agent"
+#: openai-whisper is installed with --no-deps: its triton dependency is 1 GB of GPU-only code.
+#: The libraries it needs at run time are in the ``[local]`` extra instead.
+OPENAI_WHISPER_REQUIREMENT = "openai-whisper==20250625"
+#: importable module -> what provides it: an extra of this distribution, or a pinned requirement
+LOCAL_EXTRA_MODULES = ("torch", "numba", "tiktoken", "more_itertools", "piper", "ollama")
 
 LLAMA_CPP_REQUIREMENT = "llama-cpp-python==0.3.36"
 #: A portable x86-64 build: AVX2 is the baseline, and neither AVX-512 nor AMX is compiled in.
@@ -65,6 +72,17 @@ Output = Callable[[str], None]
 
 class InstallError(Exception):
     """One model could not be installed; the message says why and what to do."""
+
+
+def default_selection(config: LocalProviderConfig) -> set[str]:
+    """What ``ai-agent models install`` installs without ``--only``: the models the configuration
+    uses ("whisper", "piper" and "llm" stand for WHISPER_MODEL, TTS_VOICE and EMBEDDED_MODEL)."""
+    which = {"whisper"}  # the openai-whisper checkpoint and the faster-whisper directory
+    if config.tts_backend == "piper":
+        which.add("piper")
+    if config.llm_backend in ("auto", "embedded"):
+        which.add("llm")
+    return which
 
 
 def resolve_selection(config: LocalProviderConfig, which: Iterable[str]) -> list[ModelSpec]:
@@ -103,13 +121,16 @@ def install_models(
     find_package: Callable[[str], str | None] = package_dir,
     has_module: Callable[[str], bool] = module_available,
     build_llama: bool = True,
+    libraries: bool = True,
+    wheel_dir: str | None = None,
 ) -> int:
     """Install the selected models into ``config.models_dir``; 0 when all are in place, 1 when
     any failed (each failure is reported through ``out``), 2 for an unknown model name.
 
     ``run`` runs pip (``run(argv, check=False, env=...)``); ``find_package`` locates an installed
     package's directory and ``has_module`` says whether a module can be imported: all three are
-    seams for tests. ``build_llama=False`` skips the llama-cpp-python build.
+    seams for tests. ``libraries=False`` installs no library; ``build_llama=False`` skips the
+    llama-cpp-python build; ``wheel_dir`` is where its portable wheel is kept (:func:`llama_wheel_dir`).
     """
     try:
         specs = resolve_selection(config, which)
@@ -131,8 +152,10 @@ def install_models(
             out(f"waiting for another `ai-agent models install` into {root} to finish...")
             fcntl.flock(lock, fcntl.LOCK_EX)
         failed = 0
-        if build_llama and any(spec.kind == GGUF for spec in specs) and not has_module("llama_cpp"):
-            failed += not _build_llama_cpp(run, out, python)
+        if libraries:
+            failed += not install_libraries(config, run, out, python, has_module)
+        if libraries and build_llama and any(spec.kind == GGUF for spec in specs) and not has_module("llama_cpp"):
+            failed += not _build_llama_cpp(run, out, python, wheel_dir)
         for spec in specs:
             started = time.monotonic()
             try:
@@ -152,21 +175,86 @@ def _describe(config: LocalProviderConfig, spec: ModelSpec) -> str:
     return f"{path}, {size / 1e6:.1f} MB"
 
 
-def _build_llama_cpp(run: Runner, out: Output, python: str) -> bool:
-    out(f"llama-cpp-python: building {LLAMA_CPP_REQUIREMENT} from source, portable (AVX2, no AVX-512/AMX); "
-        "this takes about 4 minutes on 2 cores")
-    env = dict(os.environ, CMAKE_ARGS=LLAMA_CMAKE_ARGS, CMAKE_BUILD_PARALLEL_LEVEL="2")
+def install_libraries(config: LocalProviderConfig, run: Runner, out: Output, python: str,
+                      has_module: Callable[[str], bool]) -> bool:
+    """pip-install into ``python``'s environment what the configured pipeline cannot import;
+    True when nothing failed. The ``[local]`` extra is asked of the installed distribution at its
+    installed version, so pip adds only the extra's packages and never fetches this one again."""
+    steps: list[tuple[str, list[str]]] = []
+    extras = ["local"] if not all(has_module(m) for m in LOCAL_EXTRA_MODULES) else []
+    if config.stt_backend == "faster-whisper" and not has_module("faster_whisper"):
+        extras.append("faster-whisper")
+    if extras:
+        requirement = f"{DISTRIBUTION}[{','.join(extras)}]=={_installed_version()}"
+        steps.append((f"the pipeline's libraries ({requirement})", [requirement]))
+    if config.stt_backend == "openai-whisper" and not has_module("whisper"):
+        steps.append((f"{OPENAI_WHISPER_REQUIREMENT} without its GPU-only triton dependency",
+                      ["--no-deps", OPENAI_WHISPER_REQUIREMENT]))
+    for what, args in steps:
+        out(f"libraries: installing {what} into {sys.prefix}")
+        result = run([python, "-m", "pip", "install", "--disable-pip-version-check", *args], check=False)
+        if result.returncode != 0:
+            out(f"libraries: FAILED (pip exited {result.returncode} installing {what}); pip's output above says "
+                "why. The local pipeline cannot run without them.")
+            return False
+    importlib.invalidate_caches()
+    return True
+
+
+def _installed_version() -> str:
+    from importlib.metadata import version
+
+    return version(DISTRIBUTION)
+
+
+def llama_wheel_dir() -> str:
+    """Where portable llama-cpp-python wheels are kept once built: a second virtual environment on
+    the machine (make's .venv, then the service's) installs the wheel instead of building again.
+    The directory is named after the build flags and this Python, so no other build is taken."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    flags = hashlib.sha256(LLAMA_CMAKE_ARGS.encode()).hexdigest()[:12]
+    python = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    return os.path.join(cache, "ai-agent", "wheels", f"llama-cpp-{python}-{flags}")
+
+
+def _built_llama_wheel(wheel_dir: str) -> str | None:
+    wanted = f"llama_cpp_python-{LLAMA_CPP_REQUIREMENT.split('==')[1]}-"
+    try:
+        names = sorted(n for n in os.listdir(wheel_dir) if n.startswith(wanted) and n.endswith(".whl"))
+    except OSError:
+        return None
+    return os.path.join(wheel_dir, names[-1]) if names else None
+
+
+def _build_llama_cpp(run: Runner, out: Output, python: str, wheel_dir: str | None = None) -> bool:
+    wheel_dir = wheel_dir or llama_wheel_dir()
+    wheel = _built_llama_wheel(wheel_dir)
     started = time.monotonic()
-    # --no-cache-dir: a cached wheel from an earlier (native) build would be reused and CMAKE_ARGS
-    # ignored; --no-binary: never take a prebuilt wheel built with other flags.
-    argv = [python, "-m", "pip", "install", "--no-cache-dir", "--no-binary", "llama-cpp-python",
-            LLAMA_CPP_REQUIREMENT]
-    result = run(argv, check=False, env=env)
+    if wheel is None:
+        out(f"llama-cpp-python: building {LLAMA_CPP_REQUIREMENT} from source, portable (AVX2, no AVX-512/AMX); "
+            f"this takes about 4 minutes on 2 cores; the wheel is kept in {wheel_dir}")
+        env = dict(os.environ, CMAKE_ARGS=LLAMA_CMAKE_ARGS, CMAKE_BUILD_PARALLEL_LEVEL="2")
+        # --no-cache-dir: pip's cache keys a built wheel by its source only, so a wheel built with
+        # other flags (a native build) would be reused and CMAKE_ARGS ignored; --no-binary: never
+        # take a prebuilt wheel built with other flags.
+        argv = [python, "-m", "pip", "wheel", "--disable-pip-version-check", "--no-deps", "--no-cache-dir",
+                "--no-binary", "llama-cpp-python", "-w", wheel_dir, LLAMA_CPP_REQUIREMENT]
+        with contextlib.suppress(OSError):
+            os.makedirs(wheel_dir, exist_ok=True)
+        result = run(argv, check=False, env=env)
+        wheel = _built_llama_wheel(wheel_dir) if result.returncode == 0 else None
+        if wheel is None:
+            out(f"llama-cpp-python: FAILED (pip exited {result.returncode}); it needs a C/C++ compiler and cmake "
+                "(apt-get install build-essential cmake). The embedded language model cannot run without it.")
+            return False
+    else:
+        out(f"llama-cpp-python: installing the portable wheel built before, {wheel}")
+    result = run([python, "-m", "pip", "install", "--disable-pip-version-check", wheel], check=False)
     if result.returncode != 0:
-        out(f"llama-cpp-python: FAILED (pip exited {result.returncode}); it needs a C/C++ compiler and cmake "
-            "(apt-get install build-essential cmake). The embedded language model cannot run without it.")
+        out(f"llama-cpp-python: FAILED installing {wheel} (pip exited {result.returncode}); delete it to build "
+            "again")
         return False
-    out(f"llama-cpp-python: built and installed in {time.monotonic() - started:.0f} s")
+    out(f"llama-cpp-python: installed in {time.monotonic() - started:.0f} s")
     return True
 
 
@@ -246,8 +334,8 @@ def _convert_whisper(config: LocalProviderConfig, spec: ModelSpec) -> None:
     from twisted_agent.providers.local import ct2
 
     if importlib.util.find_spec("torch") is None:
-        raise InstallError("converting to openai-whisper's format needs torch: `make install-local`, or "
-                           "pip install torch==2.13.0 (the CT2 directory for faster-whisper is installed)")
+        raise InstallError("converting to openai-whisper's format needs torch, which --no-libraries left out: "
+                           "run again without it (the CT2 directory for faster-whisper is installed)")
     ct2_dir = models_path(config, spec.ct2_dir)
     try:
         with open(os.path.join(ct2_dir, "config.json"), encoding="utf-8") as f:

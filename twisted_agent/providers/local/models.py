@@ -26,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shlex
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +40,15 @@ GGUF = "gguf"
 PIPER = "piper"
 
 INSTALL_COMMAND = "ai-agent models install"
+
+
+def install_command(config: LocalProviderConfig) -> str:
+    """The one command that installs what the local pipeline lacks: its libraries into this
+    virtual environment and the configured models into MODELS_DIR. Every fix hint gives it word
+    for word, as the README does for production (``/opt/ai-agent/.venv/bin/ai-agent models install
+    --models-dir /var/lib/ai-agent/models``); running it leaves nothing for the hint to ask again."""
+    program = os.path.join(os.path.dirname(sys.executable), "ai-agent")
+    return f"{shlex.quote(program)} models install --models-dir {shlex.quote(config.models_dir)}"
 
 
 class ModelMissing(Exception):
@@ -207,10 +218,6 @@ def models_path(config: LocalProviderConfig, relative: str) -> str:
     return os.path.join(config.models_dir, *relative.split("/"))
 
 
-def install_fix(name: str) -> str:
-    return f"{INSTALL_COMMAND} --only {name}"
-
-
 def _is_path(value: str, suffix: str) -> bool:
     return os.sep in value or "/" in value or value.endswith(suffix)
 
@@ -256,7 +263,7 @@ def whisper_path(config: LocalProviderConfig, name: str) -> str:
     path = models_path(config, spec.checkpoint)
     if not (os.path.isfile(path) and os.path.isfile(path + ".sha256")):
         raise ModelMissing(spec.name, f"not installed in {config.models_dir} (no {spec.checkpoint})",
-                           install_fix(spec.name))
+                           install_command(config))
     return path
 
 
@@ -275,7 +282,7 @@ def faster_whisper_dir(config: LocalProviderConfig, name: str) -> str:
     missing = [f.name for f in spec.files if not _has_size(models_path(config, f.name), f.size)]
     if missing:
         raise ModelMissing(spec.name, f"not installed in {config.models_dir} (missing {', '.join(missing)})",
-                           install_fix(spec.name))
+                           install_command(config))
     return models_path(config, spec.ct2_dir)
 
 
@@ -288,7 +295,7 @@ def gguf_path(config: LocalProviderConfig, name: str) -> str:
     path = models_path(config, model.name)
     if not _has_size(path, model.size):
         raise ModelMissing(spec.name, f"not installed in {config.models_dir} (no {model.name})",
-                           install_fix(spec.name))
+                           install_command(config))
     return path
 
 
@@ -302,7 +309,7 @@ def piper_voice_paths(config: LocalProviderConfig, name: str) -> tuple[str, str]
     onnx, config_json = (models_path(config, f.name) for f in spec.files)
     if not all(_has_size(models_path(config, f.name), f.size) for f in spec.files):
         raise ModelMissing(spec.name, f"not installed in {config.models_dir} (no {spec.files[0].name})",
-                           install_fix(spec.name))
+                           install_command(config))
     return onnx, config_json
 
 

@@ -102,10 +102,10 @@ def installed_readiness(config: AgentConfig) -> ProviderReadiness:
     absent = [_LIBRARIES[module] for module in needed if importlib.util.find_spec(module) is None]
     if local.stt_backend == "faster-whisper" and importlib.util.find_spec("faster_whisper") is None:
         absent.append("faster-whisper")
-    if absent:
-        return ProviderReadiness("local", False, f"not installed: {', '.join(absent)}",
-                                 "make install-local (or pip install 'twisted-agent[local]')")
     from twisted_agent.providers.local import models
+
+    if absent:
+        return ProviderReadiness("local", False, f"not installed: {', '.join(absent)}", models.install_command(local))
 
     missing: list[models.ModelMissing] = []
 
@@ -133,9 +133,8 @@ def installed_readiness(config: AgentConfig) -> ProviderReadiness:
     if missing:
         if len(missing) == 1:
             return ProviderReadiness("local", False, f"model {missing[0].name!r} {missing[0].detail}", missing[0].fix)
-        names = ",".join(e.name for e in missing)
         return ProviderReadiness("local", False, "models not installed: " + "; ".join(
-            f"{e.name!r} {e.detail}" for e in missing), f"{models.INSTALL_COMMAND} --only {names}")
+            f"{e.name!r} {e.detail}" for e in missing), models.install_command(local))
     return ProviderReadiness("local", True, f"installed: Whisper {stt}; {llm}; {tts} (loaded at start-up)")
 
 

@@ -496,12 +496,12 @@ class WhisperSTT:
                 "fallback_reasons": dict(self.fallback_reasons), "pool": pool}
 
     def status(self) -> ModelStatus:
-        from twisted_agent.providers.local.models import ModelMissing
+        from twisted_agent.providers.local.models import ModelMissing, install_command
 
         extra = {"backend": self.backend, "workers": self.workers, "threads": self.threads, **self.stats()}
         if importlib.util.find_spec(_MODULES[self.backend]) is None:
             return ModelStatus(self.name, False, f"{self.backend} is not installed",
-                               "make install-local (pip install --no-deps openai-whisper)", extra=extra)
+                               install_command(self.config), extra=extra)
         try:
             path = self.model_path()
         except ModelMissing as e:

@@ -224,12 +224,13 @@ class PiperTTS:
             "total_ms": round((self._reactor.seconds() - started) * 1000, 2)})
 
     def status(self) -> ModelStatus:
-        from twisted_agent.providers.local.models import ModelMissing
+        from twisted_agent.providers.local.models import ModelMissing, install_command
 
         extra: dict[str, Any] = {"backend": "piper", "rate": self.rate, "threads": self.threads, "spoken": self.spoken,
                                  "pool": self._pool.stats() if self._pool is not None else {}}
         if importlib.util.find_spec("piper") is None:
-            return ModelStatus(self.name, False, "piper-tts is not installed", "make install-local", extra=extra)
+            return ModelStatus(self.name, False, "piper-tts is not installed", install_command(self.config),
+                               extra=extra)
         try:
             model, _ = self.voice_paths()
         except ModelMissing as e:

@@ -333,10 +333,11 @@ class EmbeddedLLM:
             if not os.path.isfile(self._model_path):
                 raise LLMModelMissing(f"no GGUF file at {self._model_path}", fix="set EMBEDDED_MODEL to a .gguf path")
             return self._model_path
+        from twisted_agent.providers.local.models import ModelMissing, gguf_path, install_command
+
         if importlib.util.find_spec("llama_cpp") is None:  # (importing it here would load the library)
             raise LLMUnavailable("llama-cpp-python is not installed: the embedded model cannot run",
-                                 fix="make install-local (or set LLM_BACKEND=ollama)")
-        from twisted_agent.providers.local.models import ModelMissing, gguf_path
+                                 fix=f"{install_command(self.config)} (or set LLM_BACKEND=ollama)")
 
         try:
             return gguf_path(self.config, self.config.embedded_model)
