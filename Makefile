@@ -24,12 +24,13 @@ TEST_PACKAGES := espeak-ng:espeak-ng sox:sox redis-server:redis-server chromium:
 
 .PHONY: install install-local demo-deps test-deps apt-packages test demo bench lint clean
 
-# The agent, editable, with its test and lint tools (what `make lint` needs).
+# The agent, editable, with its test and lint tools (what `make lint` needs) and the optional
+# faster-whisper backend, which the tests cover too.
 install: $(DEV_STAMP)
 
 $(DEV_STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -e '.[test,lint,silero]' $(EDITABLE)
+	$(PIP) install -q -e '.[test,lint,silero,faster-whisper]' $(EDITABLE)
 	touch $@
 
 $(RUNTIME_STAMP): setup.cfg pyproject.toml

@@ -147,8 +147,8 @@ def test_ready_is_503_while_draining(site):
     assert health["status"] == "draining" and health["draining"] is True
 
 
-def test_ready_is_503_when_the_default_provider_cannot_take_calls():
-    stub, ari, *_ = make(providers_ready=False)
+def test_ready_is_503_when_the_default_provider_cannot_take_calls(tmp_path):
+    stub, ari, *_ = make({"MODELS_DIR": str(tmp_path)}, providers_ready=False)  # no models there
     ari.connected = True
     response, data = get(stub, "/ready")
     assert response.code == 503

