@@ -165,3 +165,16 @@ def test_no_stale_not_built_yet_texts():
             found += [f"{path.relative_to(ROOT)}:{number}: {phrase!r}: {line.strip()}"
                       for phrase in STALE_PHRASES if phrase in lowered]
     assert not found, "stale texts:\n" + "\n".join(found)
+
+
+def test_the_configuration_reference_has_every_setting_as_the_code_documents_it():
+    """docs/configuration.md is the README's settings reference: one row per setting, with the
+    meaning the code gives (config.SETTINGS), so a new or reworded setting cannot go unlisted."""
+    rows = {}
+    for line in (ROOT / "docs" / "configuration.md").read_text().splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            rows[cells[0].strip("`")] = cells[-1]
+    for info in SETTINGS:
+        assert info.env in rows, f"docs/configuration.md has no row for {info.env}"
+        assert rows[info.env] == info.doc, f"docs/configuration.md describes {info.env} otherwise than the code"

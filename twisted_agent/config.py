@@ -350,7 +350,8 @@ class OpenAIRealtimeConfig:
 class ProvidersConfig:
     cloud_connect_timeout: float = setting(
         "CLOUD_CONNECT_TIMEOUT", 10.0, s.number(0.5, 120),
-        "seconds a cloud provider's WebSocket may take to open before the call goes back to the dialplan")
+        "seconds a cloud provider's WebSocket may take to open; beyond it the caller hears the apology and the "
+        "call goes back to the dialplan")
     local: LocalProviderConfig = field(default_factory=LocalProviderConfig)
     deepgram: DeepgramConfig = field(default_factory=DeepgramConfig)
     openai_realtime: OpenAIRealtimeConfig = field(default_factory=OpenAIRealtimeConfig)
