@@ -39,8 +39,7 @@ def source_checkout(module_file: str = __file__) -> str | None:
     """The clone this package runs from (``make`` installs it editable), or None when installed
     from a wheel (site-packages holds no pyproject.toml beside the package)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(module_file)))
-    markers = ("pyproject.toml", "setup.cfg", os.path.join("twisted_agent", "config.py"))
-    return root if all(os.path.isfile(os.path.join(root, m)) for m in markers) else None
+    return root if all(os.path.isfile(os.path.join(root, m)) for m in ("pyproject.toml", "setup.cfg")) else None
 
 
 def default_models_dir() -> str:

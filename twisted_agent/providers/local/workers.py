@@ -298,7 +298,7 @@ class WorkerPool:
                 self.cancelled += 1
             job.deferred.errback(PoolStopped(f"the {self.name} worker pool stopped"))
         executor, self._executor = self._executor, None
-        loading = len(self._loaded) < self.size or any(job.internal for job in self._running)
+        loading = any(job.internal for job in self._running)  # start()'s warm-ups: workers still loading
         self._loaded.clear()
         if executor is None:
             return succeed(None)
