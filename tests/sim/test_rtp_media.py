@@ -81,7 +81,7 @@ async def test_external_media_response_and_its_stasis_start_after_it(sim: Asteri
     response = await ari.post("/channels/externalMedia", json_body={"variables": {"CALL": "7"}}, channelId="em-1",
                               **{**GOOD, "external_host": peer.address})
     answered_at = sim.reactor.seconds()
-    assert 0.001 <= answered_at - posted_at < 0.05
+    assert answered_at - posted_at >= 0.001  # Asterisk takes a moment to set the channel up; how long is bench's
     assert response.code == 200
     media = response.json()
     assert media["id"] == "em-1"
