@@ -80,14 +80,20 @@ async def _check_reply_heard(service: AgentService, caller: Any, spoke_until: fl
         return True
     origin = caller.answered_at or spoke_until
     start = max(0, round((spoke_until - origin) * 8000)) * 2
-    reply_audio = caller.heard()[start:]
+    # up to half a second after the last sound heard: the silence the line carries afterwards, up
+    # to now, is no part of the reply, and seconds of it can make Whisper loop on nothing
+    segments = caller.heard_segments()
+    end = round((segments[-1][1] + 0.5) * 8000) * 2 if segments else None
+    reply_audio = caller.heard()[start:end]
     transcript = await pipeline.stt.transcribe(reply_audio, 8000, "en")
     said, heard = _words(agent_text), set(_words(transcript.text))
     found = sum(1 for word in said if word in heard) / max(1, len(said))
     out.write(f"  the reply as the caller heard it, transcribed again by Whisper: {transcript.text!r} "
               f"({found:.0%} of the answer's words)\n")
     if found < 0.6:
-        out.write("  the recorded reply does not hold the answer\n")
+        why = f" (Whisper suppressed it: {transcript.reason})" if transcript.suppressed else ""
+        out.write(f"  the recorded reply does not hold the answer{why}; {len(reply_audio) / 16000:.1f} s of it "
+                  "were transcribed\n")
         return False
     return True
 
