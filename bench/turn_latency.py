@@ -51,8 +51,11 @@ async def ask(reactor: Any, service: AgentService, caller: Any) -> dict[str, flo
     turns = len(call.turn_timings)
     await caller.say(question_clip())
     await until(reactor, lambda: len(call.turn_timings) > turns, 60, "the answer")
+    timing = call.turn_timings[-1]
+    if "failed" in timing:  # the caller got the apology, not an answer
+        raise RuntimeError(f"the turn failed ({timing['failed']}): {call.end_reason or 'apologising'}")
     await until(reactor, lambda: call.state == "listening", 60, "the answer to finish")
-    return dict(call.turn_timings[-1])
+    return {key: value for key, value in timing.items() if isinstance(value, float)}
 
 
 #: naive sequencing: nothing starts before the turn ends, Whisper's full 30 s window, whole sentences

@@ -223,7 +223,22 @@ class CallsConfig:
         "after the agent's last audio, how long caller audio is still not taken as a new turn (line echo, tails)")
     provider_timeout: float = setting(
         "PROVIDER_TIMEOUT", 10.0, s.number(0.5, 120),
-        "seconds a provider gets to start, or to begin answering a turn, before the caller hears an apology")
+        "seconds a provider gets to start, or to begin answering a turn once its work on it has started "
+        "(QUEUE_TIMEOUT bounds the wait before), before the caller hears an apology")
+    # 20 s: the wait is for the turn's transcription to start (BENCHMARKS.md, 2 cores: ~210 ms per
+    # turn, ~1.3 s for a whole turn's model work), so even LOCAL_MAX_QUEUE (8) turns ahead, slowed
+    # several times by other load on the host, stay well under it: it trips only on a swamped
+    # machine. Longer, a caller on the filler and pips is better off with FAILURE_ACTION; and it
+    # stays under Whisper's own 30 s job bound, which counts from the same moment.
+    queue_timeout: float = setting(
+        "QUEUE_TIMEOUT", 20.0, s.number(1, 300),
+        "seconds a turn's work may wait for the shared models, behind other calls' turns, before it starts "
+        "(the filler covers the wait); past it the caller hears an apology")
+    ready_timeout: float = setting(
+        "READY_TIMEOUT", 30.0, s.number(0, 600),
+        "seconds a call that arrives while its provider is still starting (loading its models) is held, answered "
+        "and hearing ringback, for the provider to be ready; then the apology and FAILURE_ACTION (0 = such calls "
+        "go back to the dialplan unanswered)")
     setup_timeout: float = setting(
         "SETUP_TIMEOUT", 5.0, s.number(0.5, 60), "seconds for Asterisk to bring up the call's media channel")
     failure_action: str = setting(

@@ -3,6 +3,11 @@
 Counters the engine already keeps (calls by outcome, barge-ins, fillers, media packets, ARI
 reconnects, store errors) are read when Prometheus scrapes, by a collector: nothing on the call
 path updates a metric object for them. Latencies are histograms, observed as each turn is recorded.
+A turn that ended in the apology instead of an answer has no voice-to-voice latency: it is counted
+in ``ai_agent_turns_failed_total{reason}`` beside the histogram (answered + failed = every turn
+but those the caller took back by going on speaking),
+never dropped silently; its stages that did happen (the turn-end wait, the queue wait, STT) are
+observed like any turn's.
 
 Labels have low cardinality on purpose: outcome, stage, direction, reason. Never a call id, a
 caller number or an engine-chosen free text.
@@ -13,11 +18,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from twisted_agent.calls.record import OUTCOMES
+from twisted_agent.calls.timing import TURN_FAILURES, TurnTiming
 
 #: turn timing key (calls.call.Call.turn_timings) -> the histogram's stage label
 STAGES = {
@@ -30,6 +36,8 @@ STAGES = {
 }
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+#: a queue wait runs up to QUEUE_TIMEOUT (20 s by default, 300 at most): buckets past the latencies'
+QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
 
 #: engine.counters key -> (metric name without _total, help)
 EVENT_COUNTERS = {
@@ -40,6 +48,8 @@ EVENT_COUNTERS = {
     "no_audio": ("ai_agent_no_audio", "Calls that got no audio from Asterisk after bridging (no-audio diagnosis)"),
     "provider_failures": ("ai_agent_provider_failures", "Calls whose provider failed mid-call (apology played)"),
     "provider_unavailable": ("ai_agent_provider_unavailable", "Calls sent back because their provider was not ready"),
+    "held_for_ready": ("ai_agent_held_for_ready",
+                       "Calls answered and held (ringback) while their provider was still starting (READY_TIMEOUT)"),
     "inactivity_hangups": ("ai_agent_inactivity_hangups", "Calls ended because the caller stayed silent"),
     "transfers_by_key": ("ai_agent_transfers_by_key", "Transfers to a human asked for with TRANSFER_DIGIT"),
 }
@@ -116,13 +126,30 @@ class EngineMetrics:
             ["stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
         for stage in STAGES.values():
             self.latency.labels(stage)  # every series exists from the start, at zero
+        self.queue_wait = Histogram(
+            "ai_agent_turn_queue_wait_seconds",
+            "Per turn whose work started: from the turn's end until its first model job left the queue shared "
+            "with other calls' turns (QUEUE_TIMEOUT bounds it)", buckets=QUEUE_BUCKETS, registry=self.registry)
+        self.turns_failed = Counter(
+            "ai_agent_turns_failed",
+            "Turns that ended in the apology instead of an answer, by reason: queue_timeout, provider_timeout, "
+            "provider_error, media_error (the voice_to_voice latency counts the answered turns)",
+            ["reason"], registry=self.registry)
+        for reason in TURN_FAILURES:
+            self.turns_failed.labels(reason)
         service.engine.turn_listeners.append(self.turn_recorded)
 
-    def turn_recorded(self, call: Any, timing: dict[str, float]) -> None:
+    def turn_recorded(self, call: Any, timing: TurnTiming) -> None:
+        failed = timing.get("failed")
+        if isinstance(failed, str) and failed in TURN_FAILURES:
+            self.turns_failed.labels(failed).inc()
         for key, stage in STAGES.items():
             value = timing.get(key)
-            if value is not None and value >= 0:
+            if isinstance(value, (int, float)) and value >= 0:
                 self.latency.labels(stage).observe(value / 1000)
+        queued = timing.get("queue_ms")
+        if isinstance(queued, (int, float)) and queued >= 0:
+            self.queue_wait.observe(queued / 1000)
 
     def exposition(self) -> tuple[str, bytes]:
         return CONTENT_TYPE_LATEST, generate_latest(self.registry)

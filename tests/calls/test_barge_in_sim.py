@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -17,6 +18,7 @@ from twisted.internet import reactor
 from tests.calls.simstack import QUESTION, altered_frames, reply_audio, sleep, until
 from twisted_agent.providers.echo import EchoProvider
 from twisted_agent.sim.line import LineEcho, LineNoise
+from twisted_agent.sim.talkdetect import frame_energy
 
 LONG_GREETING = "Hello and welcome to the bakery, we are glad you called, how can we help you today?"
 FRAME = 320  # bytes of a 20 ms frame of the clips (8 kHz s16le)
@@ -162,6 +164,67 @@ async def test_file_mode_barge_in_stops_the_playback_deletes_its_file_and_answer
     await until(lambda: len(caller.heard_segments()) > heard, timeout=5, what="the answer")
     assert provider.interruptions and list(provider.interruptions[0]) == [f"{call.call_id}-1"]
     assert len(provider.turns) == 1 and provider.turns[0] >= 2500, "the question from its first syllable"
+    await caller.hangup()
+    await stack.all_released()
+
+
+def frame_means(pcm: bytes) -> list[int]:
+    """TALK_DETECT's measure of each 20 ms frame (sim/talkdetect.py)."""
+    return [frame_energy(pcm[n:n + FRAME], "ulaw") for n in range(0, len(pcm) - FRAME + 1, FRAME)]
+
+
+def scaled(pcm: bytes, gain: float) -> bytes:
+    return (np.frombuffer(pcm, dtype="<i2") * gain).astype("<i2").tobytes()
+
+
+def recorded(order: list[str], owner: Any, name: str, label: str) -> None:
+    """Note ``label`` in ``order`` each time ``owner.name`` is called, then call it."""
+    original = getattr(owner, name)
+
+    def note(*args: Any, **kw: Any) -> Any:
+        order.append(label)
+        return original(*args, **kw)
+
+    setattr(owner, name, note)
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_mode_a_loud_first_syllable_then_quieter_speech_stops_the_reply(stacks: Any) -> None:
+    """Issue 15. Talk detection's threshold sits just under the agent's loudest audio: the caller's
+    loud first syllable crosses it (the reply pauses), their quieter speech does not, and Asterisk
+    says the talk finished 100 ms after the syllable while the media leg hears them go on. The
+    reply must stay paused until the barge-in detector has heard BARGE_IN_MIN_MS of their voice."""
+    stack = await stacks(CONTEXT_DEFAULT_GREETING=LONG_GREETING)  # file mode
+    caller = stack.call()
+    await caller.answered
+    await until(lambda: caller.first_heard_at() is not None, what="the greeting")
+    await sleep(0.8)
+    call = the_call(stack)
+    provider: EchoProvider = call.provider
+    threshold = call.voice.talk.threshold.value
+    syllable = QUESTION[14 * FRAME: 18 * FRAME]  # 80 ms of the loud "He-" of "Hello"
+    quiet = REST[3 * FRAME:]  # "what are your opening hours ..." from a voiced frame, at 60 % of the threshold
+    quiet = scaled(quiet, 0.6 * threshold / max(frame_means(quiet)))
+    assert min(frame_means(syllable)) >= 2 * threshold and max(frame_means(quiet)) < threshold
+    order: list[str] = []
+    recorded(order, call.player, "pause", "pause")
+    recorded(order, call.player, "resume", "resume")
+    recorded(order, call, "talking_started", "talk started")
+    recorded(order, call, "talking_finished", "talk finished")
+    recorded(order, call.voice, "stop", "stop")
+    await caller.say(syllable + bytes(3 * FRAME) + quiet)  # "He- [60 ms] -llo, what are your opening hours?"
+    assert len(call.barge_ins) == 1, "the caller's quieter speech interrupted the reply"
+    assert order[:4] == ["talk started", "pause", "talk finished", "stop"], \
+        f"paused at the syllable, not resumed at Asterisk's end of talk, stopped by the barge-in: {order}"
+    assert "resume" not in order and stack.engine.counters["backchannels"] == 0
+    plays = [r[2] for r in stack.sim.requests if r[0] == "POST" and "/play" in r[1]]
+    assert [p for p in plays if p["media"] == plays[0]["media"]] == plays[:1] and \
+        not any("offsetms" in p for p in plays), "the greeting never played again"
+    heard = len(caller.heard_segments())
+    await until(lambda: len(caller.heard_segments()) > heard, timeout=5, what="the answer")
+    assert provider.interruptions and list(provider.interruptions[0]) == [f"{call.call_id}-1"]
+    assert len(provider.turns) == 1 and provider.turns[0] >= len(quiet) // 16, \
+        f"the caller's turn, transcribed from the pause on: {provider.turns}"
     await caller.hangup()
     await stack.all_released()
 

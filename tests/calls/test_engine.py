@@ -210,7 +210,12 @@ def test_a_provider_that_never_answers_gets_the_apology_too(tmp_path: Path) -> N
     call = rig.answered_call()
     rig.playback_done(call)
     rig.advance(0.3)
-    call.provider.end_of_turn = lambda: Deferred()
+
+    def started_and_stuck() -> Deferred[None]:
+        call.events.work_started()  # it started on the turn at once (nothing queued), then nothing came
+        return Deferred()
+
+    call.provider.end_of_turn = started_and_stuck
     rig.speak(400)
     rig.advance(2.7)
     apology = next(r for r in rig.ari.requests if r[0] == "play" and APOLOGY_NAME in r[2])

@@ -1,6 +1,7 @@
 """Interruptions on task.Clock with a fake session and players: the agent's voice ducks under the caller's,
 comes back after a backchannel, stops for a barge-in; in file mode the file pauses for Asterisk's talk
-detection and resumes, or the talk is confirmed as an interruption."""
+detection and resumes only on a backchannel or when the media leg heard nothing of the caller (never on
+ChannelTalkingFinished while the detector hears them), or the talk is confirmed as an interruption."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
-from twisted_agent.calls.interruptions import Interruptions
+from twisted_agent.calls.interruptions import JUDGE_FRAMES, Interruptions
 from twisted_agent.calls.playback import FilePlayer, StreamPlayer
 
 
@@ -42,14 +43,17 @@ class Files(FilePlayer):
     def __init__(self) -> None:  # (no ARI behind it)
         self.paused = False
         self.resumed = 0
+        self.done: list[str] = []  # what happened to the reply, in order
 
     def pause(self) -> Deferred[None]:
         self.paused = True
+        self.done.append("pause")
         return succeed(None)
 
     def resume(self) -> None:
         self.paused = False
         self.resumed += 1
+        self.done.append("resume")
 
 
 class Rig:
@@ -160,11 +164,100 @@ def test_when_the_callers_audio_reached_us_the_detector_judges_not_asterisk() ->
     rig = make(player)
     rig.interruptions.talk_started()
     rig.session.echo.caller = False  # what came was the agent's echo
-    rig.frame(True, 3)
-    rig.clock.advance(1)
+    rig.frame(True, 50)
     assert rig.confirmed == 0 and player.paused
     rig.interruptions.talk_finished(1000)
+    rig.frame(True, JUDGE_FRAMES - 1)
+    assert player.paused, "the VAD is given its frames to find the caller's voice"
+    rig.frame(True)
     assert not player.paused and count(rig, "backchannels") == 1, "the reply goes on from where it paused"
+
+
+def test_asterisks_talk_finished_does_not_resume_a_file_while_the_media_leg_hears_the_caller() -> None:
+    """Issue 15: the caller's loud first syllable crosses Asterisk's threshold, their quieter
+    speech does not; ChannelTalkingFinished comes ~100 ms after ChannelTalkingStarted while their
+    voice reaches the media leg, and must not resume the reply."""
+    player = Files()
+    rig = make(player)
+    rig.frames = 40
+    rig.interruptions.talk_started()  # the first syllable
+    said = rig.frame(True, 5)  # their voice on the media leg once the file is paused
+    rig.interruptions.talk_finished(20)  # 100 ms after Started: the quieter speech is under the threshold
+    said += rig.frame(True)
+    assert said == [False] * 5 + [True], "the barge-in at BARGE_IN_MIN_MS (120 ms) of the caller's voice"
+    assert player.done == ["pause"] and count(rig, "backchannels") == 0, "never resumed"
+    frames = rig.interruptions.caller_took_floor()
+    assert [f[0] for f in frames] == [41, 42, 43, 44, 45, 46], "their turn from the first frame after the pause"
+    rig.clock.advance(1)
+    assert rig.confirmed == 0 and player.done == ["pause"]
+
+
+def test_a_backchannel_judged_on_the_media_leg_resumes_the_file_after_asterisks_talk_finished() -> None:
+    player = Files()
+    rig = make(player)
+    rig.interruptions.talk_started()
+    rig.frame(True, 3)  # "mm"
+    rig.interruptions.talk_finished(60)
+    assert player.done == ["pause"], "the detector is still hearing the caller"
+    said = rig.frame(False, 5)
+    assert said == [False] * 5 and player.done == ["pause", "resume"], \
+        "resumed when the detector judged the voice stopped too soon (its 100 ms gap), not at Finished"
+    assert count(rig, "backchannels") == 1 and rig.interruptions.paused_at is None
+
+
+def test_a_file_resumes_after_talk_finished_when_the_media_leg_heard_nothing_of_the_caller() -> None:
+    player = Files()
+    rig = make(player)
+    rig.interruptions.talk_started()
+    rig.frame(False, 4)  # a cough: loud, no voice
+    rig.interruptions.talk_finished(40)
+    rig.frame(False, JUDGE_FRAMES - 1)
+    assert player.done == ["pause"], "not before the VAD judged the frames after Finished"
+    rig.frame(False)
+    assert player.done == ["pause", "resume"] and count(rig, "backchannels") == 1
+
+
+def test_a_voice_onset_the_vad_finds_late_is_judged_by_the_detector_not_resumed() -> None:
+    player = Files()
+    rig = make(player)
+    rig.interruptions.talk_started()
+    rig.frame(False, 3)  # the caller's quieter speech, its onset not yet found (Silero's confirmation lags)
+    rig.interruptions.talk_finished(40)
+    said = rig.frame(False, 2) + rig.frame(True, 6)
+    assert said == [False] * 7 + [True] and player.done == ["pause"], "a barge-in, never resumed"
+
+
+def test_when_the_media_leg_goes_quiet_the_clock_ends_what_the_detector_heard() -> None:
+    """A Local channel sends nothing while the caller is silent (and Asterisk, reading nothing, sends
+    no ChannelTalkingFinished either): the detector's gap on the clock decides."""
+    for voiced in (True, False):
+        player = Files()
+        rig = make(player)
+        rig.interruptions.talk_started()
+        rig.frame(voiced, 2)
+        if voiced:
+            rig.interruptions.talk_finished(40)
+        rig.clock.advance(0.119)
+        assert player.done == ["pause"], voiced
+        rig.clock.advance(0.002)  # the detector's 100 ms gap and a frame
+        assert player.done == ["pause", "resume"] and count(rig, "backchannels") == 1, voiced
+        rig.clock.advance(1)
+        assert rig.confirmed == 0 and player.done == ["pause", "resume"], voiced
+
+
+def test_talk_again_after_finished_keeps_the_file_paused_for_the_detector() -> None:
+    player = Files()
+    rig = make(player)
+    rig.interruptions.talk_started()
+    rig.frame(False, 3)
+    rig.interruptions.talk_finished(40)
+    rig.frame(False, 2)
+    rig.interruptions.talk_started()  # another loud syllable: Asterisk's talk is not over
+    rig.frame(False, JUDGE_FRAMES)
+    assert player.done == ["pause"] and rig.confirmed == 0
+    rig.interruptions.talk_finished(40)
+    rig.frame(False, JUDGE_FRAMES)
+    assert player.done == ["pause", "resume"]
 
 
 def test_a_barge_in_or_the_end_of_the_call_cancels_the_pending_confirmation() -> None:

@@ -59,6 +59,9 @@ class Sink:
         self.events.append(("tool_request", name, arguments))
         return succeed(self.tool_result)
 
+    def work_started(self) -> None:
+        self.events.append(("work_started",))
+
     def timing(self, stage: str, ms: float) -> None:
         self.events.append(("timing", stage, ms))
 

@@ -60,6 +60,9 @@ class RecordingEvents:
         self.log.append(("tool", name, arguments))
         return succeed(self.tool_result)
 
+    def work_started(self) -> None:
+        self.log.append(("work_started",))
+
     def timing(self, stage: str, ms: float) -> None:
         self.log.append(("timing", stage))
 

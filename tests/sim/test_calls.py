@@ -182,8 +182,18 @@ async def test_talk_detect_reports_the_callers_speech(sim: AsteriskSimulator, ar
     response = await ari.post(f"/channels/{caller.channel_id}/variable", variable="TALK_DETECT(set)", value="200")
     assert response.code == 204
     loud = (3000).to_bytes(2, "little", signed=True) * 1600
-    await caller.say(loud)
+    await caller.say(loud + bytes(3200))  # Asterisk counts silence in the frames it reads: the phone sends them
     await events.expect("ChannelTalkingStarted")
     finished = await events.expect("ChannelTalkingFinished")
     assert 150 <= finished["duration"] <= 300
-    await wait_until(lambda: caller.frames_sent == 10)
+    await wait_until(lambda: caller.frames_sent == 20)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_talk_detect_value_asterisk_cannot_read_keeps_the_settings(sim: AsteriskSimulator, ari: Ari,
+                                                                          events: Events) -> None:
+    caller = await answered_call(sim, ari, events)
+    channel = sim.pbx.channels[caller.channel_id]
+    for value, expected in (("100,300", (100, 300)), ("abc", (100, 300)), ("100,0", (100, 300)), (",500", (2500, 500))):
+        response = await ari.post(f"/channels/{caller.channel_id}/variable", variable="TALK_DETECT(set)", value=value)
+        assert response.code == 204 and channel.talk_detect == expected, value

@@ -203,7 +203,7 @@ async def test_responses_and_events_of_a_whole_call_match_the_models(sim: Asteri
         await call("GET", "/bridges/{bridgeId}", bridgeId=bridge["id"])
         await call("GET", "/channels")
         await call("GET", "/channels/{channelId}", channelId=media["id"])
-        await caller.say(tone(0.06, amplitude=3000))
+        await caller.say(tone(0.06, amplitude=3000) + bytes(1600))  # talk, then the 100 ms of silence that ends it
         await send_stream(peer, int(media["channelvars"]["UNICASTRTP_LOCAL_PORT"]), 2)
         caller.send_dtmf("1", duration_ms=10)
         playback = await call("POST", "/channels/{channelId}/play", channelId=channel_id,

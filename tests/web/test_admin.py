@@ -30,10 +30,12 @@ from tests.web.conftest import (
     hidden,
     open_stream,
 )
+from twisted_agent.calls.timing import TURN_FAILURES
 from twisted_agent.store.interfaces import ICallStore, StoreUnavailable
 from twisted_agent.web.admin import EventStream
 from twisted_agent.web.auth import hash_password
 from twisted_agent.web.interfaces import ICallControl
+from twisted_agent.web.pages import TURN_FAILURE_TEXTS
 
 
 def test_the_fakes_match_their_interfaces(site: Site) -> None:
@@ -335,6 +337,27 @@ def test_a_live_call_page(site: Site) -> None:
                     ("62.0", "30.0", "provider_llm_first_token_ms"), ("92.0", "8.0", "provider_tts_first_sentence_ms"),
                     ("0.0", "100.0", "voice_to_voice_ms"), ("0.0", "40.0", "voice_to_voice_ms")]
     assert "after_turn_end_ms: 500 ms" in text
+
+
+def test_the_queue_stage_and_a_turn_that_got_the_apology_on_the_call_page(site: Site) -> None:
+    site.live_call(turns=[
+        {"turn_end_wait_ms": 500.0, "queue_ms": 1500.0, "provider_stt_ms": 200.0, "voice_to_voice_ms": 4000.0},
+        {"turn_end_wait_ms": 500.0, "failed": "queue_timeout", "failed_after_ms": 5000.0}])
+    text = site.logged_in().get("/admin/calls/1767225600.1").text
+    bars = re.findall(r'<rect x="([\d.]+)" y="0" width="([\d.]+)" height="1" class="bar (\w+)"', text)
+    assert bars == [("0.0", "10.0", "turn_end_wait_ms"), ("10.0", "30.0", "queue_ms"),
+                    ("40.0", "4.0", "provider_stt_ms"), ("0.0", "80.0", "voice_to_voice_ms"),
+                    ("0.0", "10.0", "turn_end_wait_ms"), ("0.0", "100.0", "failed_after_ms")]
+    assert '<th scope="row">queue</th>' in text and '<th scope="row">apology after</th>' in text
+    first, second = text.split("<h3>Turn 2</h3>")
+    assert "No answer" not in first
+    assert ('<p class="failed">No answer: the caller heard the apology; its work waited too long for the shared '
+            "models (QUEUE_TIMEOUT).</p>") in second
+    stub, chunks, _ = open_stream(site, site.logged_in(), "/admin/calls/1767225600.1/events")
+    turns = events(chunks)[0]["waterfall"]["turns"]
+    assert [turn["failed"] for turn in turns] == ["", "its work waited too long for the shared models (QUEUE_TIMEOUT)"]
+    assert [bar["key"] for bar in turns[0]["bars"]][:3] == ["turn_end_wait_ms", "queue_ms", "provider_stt_ms"]
+    assert set(TURN_FAILURE_TEXTS) == set(TURN_FAILURES), "every reason a turn can fail for is explained"
 
 
 def test_a_finished_call_page(site: Site) -> None:

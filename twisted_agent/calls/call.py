@@ -4,7 +4,8 @@ The call moves Connecting → Listening → Thinking → Speaking → Ended (cal
 on each event from the media session, the provider and Asterisk is here. The rest is in plain
 objects it owns: the media leg and the choice of provider (bringup.py), the agent's voice
 (voice.py), comfort sounds (comfort.py), caller speech over the agent (interruptions.py), turn
-ends and their timings (turns.py, timing.py), the inactivity prompts (watchdog.py).
+ends and their timings (turns.py, timing.py), how long an answer may take (deadline.py), the
+inactivity prompts (watchdog.py).
 
 Whatever ends the call — the caller hanging up, the provider failing, an agent hang-up or transfer,
 the engine shutting down — goes through :meth:`Call.finish`, which releases everything exactly
@@ -25,14 +26,14 @@ from zope.interface import implementer
 from twisted_agent.ari.errors import ARINotFound
 from twisted_agent.calls.bringup import Choice, MediaLeg, SetupFailed
 from twisted_agent.calls.comfort import ComfortSounds, is_comfort
+from twisted_agent.calls.deadline import AnswerDeadline
 from twisted_agent.calls.handback import let_go, outcome
 from twisted_agent.calls.interruptions import Interruptions
 from twisted_agent.calls.keys import KeyPresses
 from twisted_agent.calls.playback import StreamPlayer
 from twisted_agent.calls.registry import ICallHandle
 from twisted_agent.calls.states import CallStates
-from twisted_agent.calls.timer import Timer
-from twisted_agent.calls.timing import TurnClock
+from twisted_agent.calls.timing import TurnClock, TurnTiming
 from twisted_agent.calls.turns import TurnTaker
 from twisted_agent.calls.voice import AgentVoice
 from twisted_agent.calls.watchdog import InactivityPrompts
@@ -71,8 +72,9 @@ class Call:
         self.started_at = self.reactor.seconds()
         self._turn: Deferred[Any] | None = None
         self._setup: Deferred[Any] | None = None
-        #: PROVIDER_TIMEOUT for the answer to the caller's turn to start playing
-        self._reply_timer = Timer(self.reactor)
+        #: QUEUE_TIMEOUT for the work on the caller's turn to start, then PROVIDER_TIMEOUT for its answer
+        self._reply_timer = AnswerDeadline(self.reactor, self.config.calls.queue_timeout,
+                                           self.config.calls.provider_timeout, self._answer_late)
         self._failing = False
         self._finishing: Deferred[str] | None = None
         calls = self.config.calls
@@ -104,7 +106,7 @@ class Call:
         return self.states.name
 
     @property
-    def turn_timings(self) -> list[dict[str, float]]:
+    def turn_timings(self) -> list[TurnTiming]:
         return self.turn_clock.timings
 
     @property
@@ -157,18 +159,25 @@ class Call:
         try:
             self.provider = engine.providers.create(self.provider_name)
         except ProviderError as e:
-            # Not answered yet: the caller goes straight back to the dialplan, hearing nothing odd.
-            self.log.warn("call {call_id}: provider {provider} unavailable ({error}); back to the dialplan",
-                          call_id=self.call_id, provider=self.provider_name, error=str(e))
-            engine.count("provider_unavailable")
-            self.finish("provider unavailable", caller="continue")
-            return
+            if not (config.calls.ready_timeout and engine.providers.starting(self.provider_name)):
+                # Not answered yet: the caller goes straight back to the dialplan, hearing nothing odd.
+                self.log.warn("call {call_id}: provider {provider} unavailable ({error}); back to the dialplan",
+                              call_id=self.call_id, provider=self.provider_name, error=str(e))
+                engine.count("provider_unavailable")
+                self.finish("provider unavailable", caller="continue")
+                return
+            # still starting (the engine has just started): worth the wait (_hold_until_ready)
         await engine.ari.answer(self.call_id)
         await self.leg.open(self)
         self.voice.start(self.session)
         await self.voice.detect_talking()
+        held = self.provider is None
+        if held:
+            await self._hold_until_ready()
         self.states.set_up()
-        if config.calls.ringback and self.context.greeting:
+        if not self.context.greeting:
+            self.comfort.stop()  # the hold's ringback: no greeting to wait for
+        elif config.calls.ringback and not held:  # (a held call's ringback goes on until the greeting)
             self.comfort.start(engine.ringback_pcm, "ringback")
         start = self.provider.start(self)
         start.addTimeout(config.calls.provider_timeout, self.reactor)
@@ -180,6 +189,39 @@ class Call:
         self.log.info("call {call_id} from {caller} up: provider {provider}, context {context}, {transport}",
                       call_id=self.call_id, caller=self.caller_number, provider=self.provider_name,
                       context=self.context_name, transport=config.media.transport)
+
+    async def _hold_until_ready(self) -> None:
+        """The provider is still starting: the caller, answered, hears ringback until it is ready,
+        READY_TIMEOUT at most (then the apology: ProviderError). The wait is part of the set-up, so
+        a hang-up or the engine's drain cancels it like any other step."""
+        engine, name, timeout = self.engine, self.provider_name, self.config.calls.ready_timeout
+        engine.count("held_for_ready")
+        self.log.info("call {call_id}: provider {provider} is still starting; holding the caller (ringback) "
+                      "up to {timeout:g}s", call_id=self.call_id, provider=name, timeout=timeout)
+        self.comfort.start(engine.ringback_pcm, "ringback")
+        held_at = self.reactor.seconds()
+        waiting = engine.providers.when_ready(name)
+        waiting.addTimeout(timeout, self.reactor)
+        try:
+            await waiting
+        except TimeoutError:
+            self.log.warn("call {call_id}: provider {provider} still not ready after holding {timeout:g}s",
+                          call_id=self.call_id, provider=name, timeout=timeout)
+            raise ProviderError(f"provider {name} was not ready within {timeout:g}s (READY_TIMEOUT)") from None
+        except CancelledError:
+            self.log.info("call {call_id}: held for provider {provider}, released after {seconds:.1f}s: {reason}",
+                          call_id=self.call_id, provider=name, seconds=self.reactor.seconds() - held_at,
+                          reason=self.end_reason or "set-up cancelled")
+            raise
+        seconds = self.reactor.seconds() - held_at
+        try:
+            self.provider = engine.providers.create(name)
+        except ProviderError as e:
+            self.log.warn("call {call_id}: provider {provider} failed to start while the caller was held "
+                          "{seconds:.1f}s: {error}", call_id=self.call_id, provider=name, seconds=seconds, error=str(e))
+            raise
+        self.log.info("call {call_id}: provider {provider} ready after holding {seconds:.1f}s; going on",
+                      call_id=self.call_id, provider=name, seconds=seconds)
 
     def _setup_failed(self, failure: Any) -> None:
         if failure.check(CancelledError) or self._finishing is not None:
@@ -360,12 +402,15 @@ class Call:
 
     def _start_turn(self) -> None:
         self.turn_clock.answer_awaited()
-        self._reply_timer.start(
-            self.config.calls.provider_timeout, self.fail,
-            f"provider {self.provider_name} gave no answer within {self.config.calls.provider_timeout:g}s")
+        # before end_of_turn: a provider may say its work started (work_started) before it returns
+        self._reply_timer.turn_started()
         self.comfort.turn_started(self.turn_clock.since_speech_end())
         self._turn = self.provider.end_of_turn()
         self._turn.addCallbacks(self._turn_answered, self._turn_failed)
+
+    def _answer_late(self, reason: str, what: str) -> None:
+        """QUEUE_TIMEOUT or PROVIDER_TIMEOUT ran out (calls/deadline.py): the turn failed."""
+        self.fail(f"provider {self.provider_name} {what}", turn_failure=reason)
 
     def _filler_started(self) -> None:
         self.engine.count("fillers")
@@ -383,7 +428,7 @@ class Call:
         self._turn = None
         if failure.check(CancelledError):
             return None
-        self.fail(f"provider {self.provider_name} failed: {failure.getErrorMessage()}")
+        self.fail(f"provider {self.provider_name} failed: {failure.getErrorMessage()}", turn_failure="provider_error")
         return None
 
     # --- the provider's side (IProviderEvents) --------------------------------------------------
@@ -448,12 +493,20 @@ class Call:
         self._after_speaking(lambda: self.finish(reason, caller="hangup" if name == "hangup" else "transfer"))
         return succeed(ToolResult(True, f"{result} after the current reply"))
 
+    def work_started(self) -> None:
+        """The provider's work on the turn left the queue: PROVIDER_TIMEOUT counts from now."""
+        if self._reply_timer.work_started():
+            self.turn_clock.work_started()
+            marks = self.turn_clock.marks
+            self.log.debug("call {call_id}: work on the turn started after {queue_ms:.0f} ms in the queue",
+                           call_id=self.call_id, queue_ms=(marks["work_started"] - marks["turn_end"]) * 1000)
+
     def timing(self, stage: str, ms: float) -> None:
         self.turn_clock.provider_stage(stage, ms)
 
     def error(self, message: str, fatal: bool) -> None:
         if fatal:
-            return self.fail(f"provider {self.provider_name}: {message}")
+            return self.fail(f"provider {self.provider_name}: {message}", turn_failure="provider_error")
         self.log.warn("call {call_id}: provider {provider}: {message}", call_id=self.call_id,
                       provider=self.provider_name, message=message)
 
@@ -515,14 +568,17 @@ class Call:
 
     # --- failure -------------------------------------------------------------------------------
 
-    def fail(self, reason: str) -> None:
-        """The provider or the call path broke: apologise, then back to the dialplan (or hang up)."""
+    def fail(self, reason: str, turn_failure: str = "provider_error") -> None:
+        """The provider or the call path broke: apologise, then back to the dialplan (or hang up).
+        A turn whose answer was awaited failed with it, for ``turn_failure`` (timing.TURN_FAILURES)."""
         if self._failing or self._finishing is not None:
             return
         self._failing = True
         self.engine.count("provider_failures")
         self.log.error("call {call_id}: {reason}; apologising and handing the call back", call_id=self.call_id,
-                       reason=reason)
+                       reason=reason, turn_failure=turn_failure)
+        self._reply_timer.cancel()
+        self.turn_clock.failed(turn_failure)  # recorded (and counted) before the apology plays
         Deferred.fromCoroutine(self._apologise_and_leave(reason))
 
     async def _apologise_and_leave(self, reason: str) -> None:

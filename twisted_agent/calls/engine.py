@@ -30,6 +30,7 @@ from twisted_agent.calls.handback import continue_in_dialplan
 from twisted_agent.calls.playback import ENCODERS, FILE_PREFIX, FilePlayer, StreamPlayer, sweep, write_atomically
 from twisted_agent.calls.record import hangup_cause, history_record, live_record
 from twisted_agent.calls.registry import CallRegistry, Refusal
+from twisted_agent.calls.timing import TurnTiming
 from twisted_agent.media.codecs import ulaw_decode
 from twisted_agent.store.interfaces import ICallStore
 from twisted_agent.store.memory import MemoryStore
@@ -60,7 +61,8 @@ class _PlaybackWaiter:
             self.done.callback(state)
 
 
-TurnListener = Callable[[Call, dict[str, float]], None]
+#: told of each turn's timings as they are recorded, answered or failed (calls/timing.py)
+TurnListener = Callable[[Call, TurnTiming], None]
 
 
 @implementer(ICallControl)
@@ -84,12 +86,15 @@ class CallEngine(Service):
         self.filler_pcm = load_filler(config.calls.filler)
         #: after the filler, while the answer is still not ready
         self.comfort_pcm = comfort_tone() if self.filler_pcm else b""
-        self.ringback_pcm = ringback_tone(config.calls.provider_timeout + 5) if config.calls.ringback else b""
+        #: before the greeting (RINGBACK), and while a call is held for its provider to be ready (READY_TIMEOUT)
+        calls = config.calls
+        self.ringback_pcm = ringback_tone(calls.ready_timeout + calls.provider_timeout + 5) \
+            if calls.ringback or calls.ready_timeout else b""
         self.store: ICallStore = store if store is not None else MemoryStore(reactor, config.store)
         self.engine_id: str = self.store.engine_id
         #: finished calls by outcome (calls.record.OUTCOMES), for /metrics
         self.outcomes: Counter[str] = Counter()
-        #: told of every turn's timings as it is recorded (the metrics' latency histograms)
+        #: told of every turn's timings as it is recorded, answered or failed (the metrics' latencies)
         self.turn_listeners: list[TurnListener] = []
         #: told of every finished call's history record
         self.finish_listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -203,7 +208,7 @@ class CallEngine(Service):
             return
         call = self._media_channels.get(channel_id)
         if call is not None and isinstance(event, (ev.StasisEnd, ev.ChannelDestroyed)):
-            call.fail("the media channel ended unexpectedly")
+            call.fail("the media channel ended unexpectedly", turn_failure="media_error")
 
     def on_connection(self, connected: bool) -> None:
         if connected and self.calls:
@@ -277,7 +282,7 @@ class CallEngine(Service):
             if self.calls.get(call_id) is call:
                 self.store.call_updated(live_record(call))
 
-    def turn_recorded(self, call: Call, timing: dict[str, float]) -> None:
+    def turn_recorded(self, call: Call, timing: TurnTiming) -> None:
         for listener in self.turn_listeners:
             listener(call, timing)
         self.call_changed(call)

@@ -7,10 +7,18 @@ agent's streamed voice is ducked; when the caller stops too soon it comes back (
 when the caller goes on, :meth:`frame` says the barge-in is due and the call hands them the floor.
 
 File mode adds Asterisk's talk detection (calls/talkdetect.py): on ``ChannelTalkingStarted`` the
-file is paused at once so the caller's voice reaches the media leg and is judged as above; a
-backchannel resumes the file from where it stopped. When no audio reaches the media leg at all,
+file is paused at once so the caller's voice reaches the media leg and is judged as above. Once the
+media leg carries the caller's audio, what it hears decides, not Asterisk: the file resumes from
+where it stopped only when the detector judged a backchannel, or when the media leg heard nothing
+of the caller (no frame of the caller's voice since the pause, the VAD given
+:data:`JUDGE_FRAMES` more frames after ``ChannelTalkingFinished`` to judge an onset). Talk
+detection's threshold sits just under the agent's loudest audio, so only the caller's loud
+syllables cross it: a ``ChannelTalkingFinished`` ~100 ms after the first syllable, while the caller
+goes on more quietly, never resumes the file while the detector hears them (resumed, the file
+kept the caller's voice from the media leg: on a real Asterisk the reply stopped only at the next
+loud syllable, 980 ms after the caller began). When no audio reaches the media leg at all,
 Asterisk's own measure decides: talk still going ``BARGE_IN_MIN_MS + SILENCE_MS`` after it started
-is an interruption (``confirmed``).
+is an interruption (``confirmed``), a ``ChannelTalkingFinished`` before that resumes the file.
 
 A cloud voice agent (Deepgram, OpenAI Realtime) finds the caller's speech itself, in the audio it
 is sent, and interrupts itself when it hears any; it would hear the agent's own voice coming back
@@ -28,6 +36,7 @@ Plain logic on a clock; the call owns the session, the player and the state mach
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -37,11 +46,25 @@ from twisted_agent.calls.bargein import BargeInDetector
 from twisted_agent.calls.playback import FilePlayer, StreamPlayer
 from twisted_agent.calls.talkdetect import SILENCE_MS as TALK_SILENCE_MS
 from twisted_agent.calls.timer import Timer
+from twisted_agent.media.interfaces import FRAME_MS
 
 #: the VAD judged a frame just before the call hands it over: voiced if its last voiced frame is this one
 _SAME_FRAME_S = 0.015
 #: after a frame judged the caller's, this many go to a cloud agent unjudged (200 ms: double talk)
 CLOUD_HANGOVER_FRAMES = 10
+#: frames the VAD is given after Asterisk's talk ended to find a voice onset in the caller's audio
+#: (webrtcvad judges a frame as it comes; Silero's confirmation comes ~80 ms later: media/vad.py)
+JUDGE_FRAMES = 5
+
+
+@dataclass
+class _Paused:
+    """The file is paused for the caller's talk."""
+
+    #: the count of inbound frames at the pause (more since: the media leg carries the caller's audio)
+    at: int
+    #: the count when Asterisk said the talk finished and the detector was not hearing the caller
+    talk_over_at: int | None = None
 
 
 class Interruptions:
@@ -67,9 +90,10 @@ class Interruptions:
         self._cloud_silence = b""  # what goes in place of a frame (made once: this runs for every frame)
         #: caller frames a cloud agent got as silence while the agent had the floor (echo, noise)
         self.cloud_suppressed = 0
-        #: the file was paused for the caller's talk (at this count of inbound frames); None: not paused
-        self.paused_at: int | None = None
+        self._paused: _Paused | None = None
         self._talk_timer = Timer(clock)
+        #: while paused: no frame came for the detector's gap, the media leg went quiet
+        self._quiet_timer = Timer(clock)
 
     # --- stream mode (and file mode once the file is paused) -------------------------------------
 
@@ -86,6 +110,8 @@ class Interruptions:
         if self.detector.due():
             return True
         self.duck(self.detector.armed)
+        if self._paused is not None:
+            self._judged_while_paused()
         return False
 
     def for_cloud(self, frame: bytes, agent_has_floor: bool) -> bytes:
@@ -147,11 +173,17 @@ class Interruptions:
         """The caller interrupts: the frames from their onset (their turn's start); all is reset."""
         frames = self.detector.take()
         self._talk_timer.cancel()
-        self.paused_at = None
+        self._quiet_timer.cancel()
+        self._paused = None
         self.duck(False)
         return frames
 
     # --- file mode: Asterisk's talk detection -------------------------------------------------
+
+    @property
+    def paused_at(self) -> int | None:
+        """The count of inbound frames when the file was paused for the caller's talk; None: not paused."""
+        return self._paused.at if self._paused is not None else None
 
     def talk_started(self) -> None:
         """Asterisk heard the caller over a file: the file stops at once. Asterisk passes the caller's
@@ -161,24 +193,66 @@ class Interruptions:
         if not isinstance(player, FilePlayer):
             return
         if not player.paused:
-            self.paused_at = self._frames_heard()
+            self._paused = _Paused(self._frames_heard())
             player.pause().addErrback(
                 lambda f: self.log.failure("call {call_id}: pausing the reply failed", f, call_id=self.call_id))
+        elif self._paused is not None:
+            self._paused.talk_over_at = None  # talk again (a louder syllable): Asterisk's talk is not over
         if not self._talk_timer.pending:
             self._talk_timer.start((self._min_ms + TALK_SILENCE_MS) / 1000, self._talk_confirmed)
 
     def talk_finished(self, duration_ms: int) -> None:
+        """Asterisk's talk is over. It only measures the loud syllables, so once the caller's audio
+        reaches the media leg, what the media leg hears decides whether the file goes on."""
         self._talk_timer.cancel()
-        if self._resume():
-            self.log.debug("call {call_id}: {ms} ms of talk over the reply: going on", call_id=self.call_id,
-                           ms=duration_ms)
+        paused = self._paused
+        if paused is None:
+            return
+        if self._frames_heard() == paused.at:
+            if self._resume():  # the media leg carries nothing: Asterisk's measure decides
+                self.log.debug("call {call_id}: {ms} ms of talk over the reply, none on the media leg: going on",
+                               call_id=self.call_id, ms=duration_ms)
+        elif self.detector.armed:
+            self.log.debug("call {call_id}: Asterisk's talk is over after {ms} ms but the caller's voice is on "
+                           "the media leg: the barge-in detector decides", call_id=self.call_id, ms=duration_ms)
+        else:
+            paused.talk_over_at = self._frames_heard()
+            if not self._quiet_timer.pending:  # (restarted by every frame judged)
+                self._quiet_timer.start(self.detector.gap_s + FRAME_MS / 1000, self._media_leg_quiet)
+            self.log.debug("call {call_id}: Asterisk's talk is over after {ms} ms: going on unless the next "
+                           "{frames} frames hold the caller's voice", call_id=self.call_id, ms=duration_ms,
+                           frames=JUDGE_FRAMES)
+
+    def _judged_while_paused(self) -> None:
+        """A caller frame was judged while the file is paused for their talk."""
+        paused = self._paused
+        assert paused is not None
+        over_at = paused.talk_over_at
+        if not self.detector.armed and over_at is not None and self._frames_heard() - over_at >= JUDGE_FRAMES:
+            self.log.debug("call {call_id}: no voice of the caller on the media leg: going on", call_id=self.call_id)
+            self._resume()
+            return
+        # Asterisk sends nothing while a Local channel is silent (and then no ChannelTalkingFinished
+        # either): the detector's gap with no frame ends what it hears, or shows there is nothing to hear
+        self._quiet_timer.start(self.detector.gap_s + FRAME_MS / 1000, self._media_leg_quiet)
+
+    def _media_leg_quiet(self) -> None:
+        """No frame for longer than the detector's gap since the caller's audio reached the media leg."""
+        if self.detector.expire(self._clock.seconds()):
+            self._backchannel()
+        elif self._paused is not None and not self.detector.armed:
+            self.log.debug("call {call_id}: the media leg went quiet without the caller's voice: going on",
+                           call_id=self.call_id)
+            self._resume()
 
     def _resume(self) -> bool:
         """The talk that paused the file was not an interruption: play on (counted as a backchannel)."""
         player = self._player()
-        if self.paused_at is None or not isinstance(player, FilePlayer) or not player.paused:
+        if self._paused is None or not isinstance(player, FilePlayer) or not player.paused:
             return False
-        self.paused_at = None
+        self._paused = None
+        self._quiet_timer.cancel()
+        self._talk_timer.cancel()  # judged not an interruption, whatever Asterisk still measures
         self.detector.reset()  # the file suspends the caller again: no frame will end what it was judging
         self._count("backchannels")
         player.resume()
@@ -188,9 +262,10 @@ class Interruptions:
         """BARGE_IN_MIN_MS of talk by Asterisk's measure. When the caller's audio reached us since the
         pause, the detector has judged it (and not found a voice): Asterisk's measure is only for a
         media leg that carries nothing."""
-        if self.paused_at is not None and self._frames_heard() > self.paused_at:
+        if self._paused is not None and self._frames_heard() > self._paused.at:
             return
         self._confirmed()
 
     def close(self) -> None:
         self._talk_timer.cancel()
+        self._quiet_timer.cancel()

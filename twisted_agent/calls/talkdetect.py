@@ -9,8 +9,11 @@ call pauses its file at once (FilePlayer.pause: the playbacks are stopped, the f
 Asterisk passes the caller's voice to the media leg again from ~30 ms after its onset, and the
 barge-in detector judges that voice as in stream mode, echo check included; a backchannel resumes
 the file where it stopped (``offsetms``), and the new turn of a real barge-in starts with the
-caller's first syllable. Only when no audio reaches the media leg does Asterisk's own measure
-decide: no Finished within ``BARGE_IN_MIN_MS + SILENCE_MS`` of the Started.
+caller's first syllable. The threshold (below) is crossed by the caller's loud syllables only, so
+``ChannelTalkingFinished`` often comes while they go on more quietly: once the media leg carries
+their audio it never resumes the file by itself (calls/interruptions.py). Only when no audio
+reaches the media leg does Asterisk's own measure decide: no Finished within
+``BARGE_IN_MIN_MS + SILENCE_MS`` of the Started.
 
 **Echo.** The line returns what the caller hears, 10 dB or more quieter, and talk detection cannot
 tell it from the caller: at Asterisk's default threshold (256, about -42 dBFS) the agent's own echo

@@ -37,6 +37,9 @@ class ProviderReadiness:
     detail: str
     fix: str = ""
     implemented: bool = True
+    #: not ready *yet*: still starting (loading its models); ``IProviderFactory.when_ready`` says when
+    #: that is over. A provider not ready and not starting failed for good or is not installed.
+    starting: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +72,15 @@ class IProviderEvents(Interface):
 
     def tool_request(name: str, arguments: dict[str, Any]) -> Deferred[ToolResult]:
         """Ask the engine to act on the call: ``hangup`` or ``transfer`` (``{"target": name}``)."""
+
+    def work_started() -> None:
+        """The work on the turn :meth:`IProvider.end_of_turn` asked for started: its first model job
+        left the queue it shared with other calls' turns and runs. Until then the engine gives the
+        turn QUEUE_TIMEOUT; from then on, PROVIDER_TIMEOUT for the answer's first audio. Said once
+        per turn, during ``end_of_turn`` or after it (never for work that is thrown away, such as a
+        speculation the caller's next words discarded). A provider that queues nothing says it at
+        once, in ``end_of_turn``; providers that take turns themselves never get ``end_of_turn``.
+        A separate event, not a :meth:`timing` stage: a timing is a report, this moves a deadline."""
 
     def timing(stage: str, ms: float) -> None:
         """How long a stage took: ``stt``, ``llm_first_token``, ``tts_first_byte`` ..."""
@@ -106,7 +118,8 @@ class IProvider(Interface):
         first, so a provider may start answering now (speculatively) and must not speak before it."""
 
     def end_of_turn() -> Deferred[None]:
-        """The caller's turn is over (engine turn-taking): answer it. Cancelling stops the answer."""
+        """The caller's turn is over (engine turn-taking): answer it. Cancelling stops the answer.
+        The provider says when its work on the answer starts (:meth:`IProviderEvents.work_started`)."""
 
     def interrupt(heard_ms_by_utterance: dict[str, int]) -> Deferred[None]:
         """Stop speaking; the caller heard this many ms of each utterance."""
@@ -125,7 +138,15 @@ class IProviderFactory(Interface):
     name = Attribute("the provider's name")
 
     def readiness() -> Any:
-        """A ProviderReadiness: whether a call could use this provider now, and the fix if not."""
+        """A ProviderReadiness: whether a call could use this provider now, and the fix if not; while
+        the provider is still starting (``starting``), a call may wait for it (:meth:`when_ready`)."""
+
+    def when_ready() -> Deferred[None]:
+        """Fires (with None) once the provider is no longer starting: at once when it is not
+        starting (ready, failed for good, not installed, or never started here). It says the start
+        is over, not how it went: :meth:`create` then gives a provider or raises ProviderError.
+        Cancelling it stops this wait only, never the start (other calls and the engine rely on it);
+        the caller bounds it (READY_TIMEOUT)."""
 
     def create() -> IProvider:
-        """A provider for one call."""
+        """A provider for one call; raises ProviderError when none can be had now (see readiness)."""

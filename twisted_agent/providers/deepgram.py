@@ -512,6 +512,9 @@ class DeepgramFactory:
         return ProviderReadiness("deepgram", True, f"API key set; the connection to {_where(deepgram.url)} "
                                  "is checked per call")
 
+    def when_ready(self) -> Deferred[None]:
+        return succeed(None)  # nothing to start: ready when configured (readiness says whether it is)
+
     def create(self) -> DeepgramProvider:
         readiness = self.readiness()
         if not readiness.ready:

@@ -53,6 +53,7 @@ class EchoProvider:
 
     def end_of_turn(self) -> Deferred[None]:
         frames, self._turn_frames = self._turn_frames, 0
+        self.call.events.work_started()  # nothing queues here: the thinking delay is the work
         if not self.think_ms:
             self._answer(frames)
             return succeed(None)
@@ -108,6 +109,9 @@ class EchoFactory:
 
     def readiness(self) -> ProviderReadiness:
         return ProviderReadiness("echo", True, "test provider: answers with how long the caller spoke")
+
+    def when_ready(self) -> Deferred[None]:
+        return succeed(None)  # nothing to load
 
     def create(self) -> EchoProvider:
         provider = EchoProvider(self._clock, think_ms=self.think_ms)

@@ -506,6 +506,9 @@ class RealtimeFactory:
         return ProviderReadiness(self.name, True, f"API key set ({settings.model}, {settings.api} interface, "
                                                   f"{settings.audio}); the connection is checked per call")
 
+    def when_ready(self) -> Deferred[None]:
+        return succeed(None)  # nothing to start: ready when configured (readiness says whether it is)
+
     def create(self) -> RealtimeProvider:
         return RealtimeProvider(self._reactor, self._config)
 

@@ -5,6 +5,8 @@ Without a running engine (``ai-agent check``) the local pipeline reports whether
 models are installed; the engine replaces that with the pipeline's own factory, which reports the
 loaded models. The cloud providers are ready when their API key is set; whether the service
 answers is found out per call (a call whose provider cannot connect goes back to the dialplan).
+A provider that is still starting says so (``starting``): a call that arrives then is held, hearing
+ringback, until it is ready (READY_TIMEOUT), instead of being refused.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from zope.interface import implementer
 
 from twisted_agent.config import PROVIDER_NAMES, AgentConfig
@@ -59,6 +61,9 @@ class UnbuiltFactory:
     def readiness(self) -> ProviderReadiness:
         return self._check(self._config)
 
+    def when_ready(self) -> Deferred[None]:
+        return succeed(None)  # never starting here: nothing to wait for
+
     def create(self) -> Any:
         raise ProviderError(f"provider {self.name} is not available: {self.readiness().detail}")
 
@@ -82,6 +87,15 @@ class ProviderCatalog:
 
     def create(self, name: str) -> Any:
         return self.factories[name].create()
+
+    def starting(self, name: str) -> bool:
+        """The provider is not ready yet but still starting (loading its models): a call that wants
+        it may wait (:meth:`when_ready`) instead of being refused."""
+        return self.factories[name].readiness().starting
+
+    def when_ready(self, name: str) -> Deferred[None]:
+        """Fires once the provider is no longer starting (IProviderFactory.when_ready)."""
+        return self.factories[name].when_ready()
 
     def in_use(self) -> list[str]:
         """The default provider and those the contexts name: their models load at start-up."""

@@ -5,7 +5,8 @@ A :class:`SimulatedCaller` is handed out by ``AsteriskSimulator.originate``. Spe
 per 20 ms tick into the caller's channel; the bridge relays it to the ExternalMedia leg. With
 ``idle="silent"`` nothing is sent between utterances, which is what Asterisk forwards for a
 Local channel (PROTOCOLS §6); with ``idle="silence_frames"`` the phone keeps sending silence,
-like a SIP phone without VAD, from answer to hang-up.
+like a SIP phone without VAD, from answer to hang-up. TALK_DETECT measures the frames the phone
+sends, as Asterisk reads them (sim/talkdetect.py): a silent phone ends no talk.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ import wave
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 
 from twisted_agent.media.interfaces import FRAME_BYTES, FRAME_SECONDS, SAMPLE_RATE
 from twisted_agent.sim.heard import HeardTrack
 from twisted_agent.sim.line import LineEcho, LineNoise, mix
+from twisted_agent.sim.talkdetect import TalkDetect
 
 if TYPE_CHECKING:
     from twisted_agent.sim.control import Timers
@@ -73,9 +73,8 @@ class SimulatedCaller:
         self._track = HeardTrack()
         self._speech: deque[tuple[bytearray, Deferred[None]]] = deque()
         self._mouth: LoopingCall | None = None
-        self._talking_since: float | None = None
-        self._last_talk: float = 0.0
-        self._talk_timer: IDelayedCall | None = None
+        #: TALK_DETECT on this caller's channel (sim/talkdetect.py), fed what Asterisk reads from the phone
+        self._talk = TalkDetect()
         #: an imperfect line (see :meth:`line`): echo of what the caller hears, and noise
         self.echo: LineEcho | None = None
         self.noise: LineNoise | None = None
@@ -143,33 +142,17 @@ class SimulatedCaller:
         self._detect_talking(frame)
         self._host.caller_audio(self.channel, frame)
 
-    # -- TALK_DETECT (func_talkdetect.c): Started on a loud frame, Finished after silence_ms ---------
+    # -- TALK_DETECT (func_talkdetect.c): on every frame read, Finished after silence_ms of silent frames -----
 
     def _detect_talking(self, frame: bytes) -> None:
         settings = self.channel.talk_detect
         if settings is None:
+            self._talk.reset()
             return
         silence_ms, threshold = settings
-        energy = float(np.abs(np.frombuffer(frame, dtype="<i2").astype(np.int32)).mean()) if frame else 0.0
-        if energy < threshold:
-            return
-        now = self._timers.seconds()
-        self._last_talk = now
-        if self._talking_since is None:
-            self._talking_since = now
-            self._host.caller_talking(self.channel, True, 0)
-        self._timers.cancel(self._talk_timer)
-        self._talk_timer = self._timers.later(silence_ms / 1000, self._talk_finished)
-
-    def _talk_finished(self) -> None:
-        if self._talking_since is None:
-            return
-        settings = self.channel.talk_detect
-        silence_ms = settings[0] if settings else 0
-        duration = int((self._timers.seconds() - self._talking_since) * 1000) - silence_ms
-        self._talking_since = None
-        if self.end_reason is None:
-            self._host.caller_talking(self.channel, False, max(0, duration))
+        said = self._talk.frame(frame, self._timers.seconds(), silence_ms, threshold, self.channel.format)
+        if said is not None and self.end_reason is None:
+            self._host.caller_talking(self.channel, said[0] == "ChannelTalkingStarted", said[1])
 
     # -- keys and hang-up -----------------------------------------------------------------------------
 
@@ -203,7 +186,6 @@ class SimulatedCaller:
         self.end_reason = reason
         self._track.stop(self._timers.seconds())
         self._stop_mouth()
-        self._timers.cancel(self._talk_timer)
         while self._speech:
             _, done = self._speech.popleft()
             done.callback(None)

@@ -26,6 +26,7 @@ from twisted_agent.sim.control import CommandQueue, Timers
 from twisted_agent.sim.events import EventHub
 from twisted_agent.sim.model import CAUSE_TEXT, INVALID_STATES, AriError, Bridge, Channel, Ids, Playback
 from twisted_agent.sim.playback import PlaybackEngine
+from twisted_agent.sim.talkdetect import parse_setting
 
 __all__ = ["BRIDGE_TYPES", "Pbx"]
 
@@ -296,9 +297,12 @@ class Pbx:
             function, _, argument = name[:-1].partition("(")
             key = (function.upper(), argument.lower())
             if key == ("TALK_DETECT", "set"):
-                silence, _, threshold = value.partition(",")
-                channel.talk_detect = (int(silence) if silence.strip().isdigit() else 2500,
-                                       int(threshold) if threshold.strip().isdigit() else 256)
+                settings = parse_setting(value)
+                if settings is None:  # Asterisk logs it and answers 204: the write runs on the channel later
+                    self.log.warn("Invalid TALK_DETECT(set) value {value!r} on {channel}", value=value,
+                                  channel=channel.name)
+                else:
+                    channel.talk_detect = settings
             elif key == ("TALK_DETECT", "remove"):
                 channel.talk_detect = None
             elif key in (("CALLERID", "num"), ("CALLERID", "number")):

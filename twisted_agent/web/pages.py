@@ -21,11 +21,17 @@ PREFIX = "/admin"
 #: a turn's stages in the order they happen; None: drawn from the start of the turn, not after the previous stage
 STAGES: tuple[tuple[str, str, bool], ...] = (
     ("turn_end_wait_ms", "turn end wait", True),
+    ("queue_ms", "queue", True),
     ("provider_stt_ms", "speech to text", True),
     ("provider_llm_first_token_ms", "LLM first token", True),
     ("provider_tts_first_sentence_ms", "TTS first sentence", True),
     ("voice_to_voice_ms", "voice to voice", False),
+    ("failed_after_ms", "apology after", False),
 )
+#: why a turn got the apology instead of an answer (calls.timing.TURN_FAILURES), as the page says it
+TURN_FAILURE_TEXTS = {"queue_timeout": "its work waited too long for the shared models (QUEUE_TIMEOUT)",
+                      "provider_timeout": "the provider did not answer in time (PROVIDER_TIMEOUT)",
+                      "provider_error": "the provider failed", "media_error": "the media leg failed"}
 #: what a hang-up did, by the ``done`` query parameter of the call page it redirects to
 HANGUP_RESULTS = {"ended": "call ended", "not-found": "call not found"}
 LIVE_COLUMNS = ("Caller", "Engine", "Provider", "Context", "State", "Duration", "Voice to voice")
@@ -191,7 +197,8 @@ def waterfall(turns: Any) -> dict[str, Any]:
     """Per turn, a bar per latency stage it has, in percent of the slowest turn's end.
 
     The provider stages are drawn one after another from the end of the caller's speech (their
-    real overlap is small); voice to voice spans the whole turn as the reference.
+    real overlap is small); voice to voice spans the whole turn as the reference. A turn that got
+    the apology instead of an answer says why (``failed``) and spans until then.
     """
     if not isinstance(turns, list):
         turns = []
@@ -214,7 +221,9 @@ def waterfall(turns: Any) -> dict[str, Any]:
         known = {key for key, _, _ in STAGES}
         other = [[k, float(v)] for k, v in sorted(turn.items())
                  if k not in known and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        drawn.append({"bars": bars, "other": other})
+        failed = turn.get("failed")
+        why = TURN_FAILURE_TEXTS.get(failed, failed) if isinstance(failed, str) else ""
+        drawn.append({"bars": bars, "other": other, "failed": why})
     for turn in drawn:
         for bar in turn["bars"]:
             bar["left"] = round(100 * bar.pop("start") / scale, 2)
@@ -247,7 +256,10 @@ def _waterfall_markup(data: Mapping[str, Any]) -> Tag:
                              viewBox="0 0 100 1", preserveAspectRatio="none", class_="track")
             rows.append(tags.tr(tags.th(bar["label"], scope="row"), tags.td(svg, class_="bar-cell"),
                                 tags.td(fmt_ms(bar["ms"]), class_="num")))
-        section = tags.section(tags.h3(f"Turn {number}"), tags.table(*rows, class_="stages"), class_="turn")
+        section = tags.section(tags.h3(f"Turn {number}"), class_="turn")
+        if turn["failed"]:
+            section(tags.p(f"No answer: the caller heard the apology; {turn['failed']}.", class_="failed"))
+        section(tags.table(*rows, class_="stages"))
         if turn["other"]:
             section(tags.p(", ".join(f"{key}: {fmt_ms(ms)}" for key, ms in turn["other"]), class_="other"))
         box(section)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from twisted_agent.config import load_config
-from twisted_agent.providers.base import ICallInfo, IProvider, ProviderError
+from twisted_agent.providers.base import ICallInfo, IProvider, IProviderEvents, ProviderError
 from twisted_agent.providers.local.interfaces import (
     ILanguageModel,
     ISpeechToText,
@@ -28,18 +29,35 @@ class FakeSTT:
     def __init__(self, text: str = "What are your opening hours?") -> None:
         self.text = text
         self.suppress = False
-        self.pending: Deferred[Transcript] | None = None
+        #: the held job: its result comes with ``pending.callback(None)`` (or fails with errback)
+        self.pending: Deferred[Any] | None = None
         self.hold = False
         self.heard: list[int] = []
+        #: every worker is busy (other calls' turns): a job waits until the test frees one (worker_free)
+        self.queued = False
+        #: the waiting job's ``started``, told when a worker takes it
+        self.waiting: list[Callable[[], object]] = []
 
-    def transcribe(self, pcm: bytes, rate: int, language: str | None = None) -> Deferred[Transcript]:
+    def transcribe(self, pcm: bytes, rate: int, language: str | None = None,
+                   started: Callable[[], object] | None = None) -> Deferred[Transcript]:
         self.heard.append(len(pcm))
         result = Transcript("" if self.suppress else self.text, suppressed=self.suppress,
                             reason="no speech" if self.suppress else "")
+        if self.queued:
+            # as WorkerPool: a job cancelled while it waits leaves the queue and never starts
+            self.pending = Deferred(lambda _: self.waiting.clear())
+            self.waiting = [started or (lambda: None)]
+            return self.pending.addCallback(lambda _: result)
+        if started is not None:
+            started()  # a worker is free: the job starts at once
         if self.hold:
             self.pending = Deferred()
             return self.pending.addCallback(lambda _: result)
         return succeed(result)
+
+    def worker_free(self) -> None:
+        """A worker takes the waiting job: it starts; its result comes with ``pending.callback``."""
+        self.waiting.pop(0)()
 
     def status(self) -> ModelStatus:
         return ModelStatus("whisper", True, "whisper tiny.en loaded")
@@ -95,14 +113,23 @@ class FakeLLM:
 
 @implementer(ITextToSpeech)
 class FakeTTS:
+    """Speaks the text's bytes (prefixed by the voice, when one is asked for)."""
+
     def __init__(self) -> None:
         self.requests: list[str] = []
+        self.voices: list[str | None] = []
         self.pending: list[Deferred[Any]] = []
         self.hold = False
+        #: texts whose synthesis fails
+        self.failing: set[str] = set()
 
     def synthesize(self, text: str, voice: str | None = None) -> Deferred[Speech]:
         self.requests.append(text)
-        speech = Speech(text.encode() + b"\x00" * (len(text) % 2), 8000)
+        self.voices.append(voice)
+        if text in self.failing:
+            return fail(RuntimeError(f"the voice crashed on {text!r}"))
+        said = text if voice is None else f"{voice}: {text}"
+        speech = Speech(said.encode() + b"\x00" * (len(said) % 2), 8000)
         if self.hold:
             d: Deferred[Any] = Deferred()
             self.pending.append(d)
@@ -119,7 +146,7 @@ class FakeTTS:
         return succeed(None)
 
 
-@implementer(ICallInfo)
+@implementer(ICallInfo, IProviderEvents)
 class Sink:
     """The call: ICallInfo and IProviderEvents in one."""
 
@@ -150,8 +177,11 @@ class Sink:
     def tool_request(self, name: str, arguments: dict[str, Any]) -> Any:
         return succeed(None)
 
+    def work_started(self) -> None:
+        self.log.append(("work_started",))
+
     def timing(self, stage: str, ms: float) -> None:
-        self.log.append(("timing", stage))
+        self.log.append(("timing", stage, ms))
 
     def error(self, message: str, fatal: bool) -> None:
         self.log.append(("error", message, fatal))
@@ -173,8 +203,8 @@ def make(tokens: list[str], **env: str) -> tuple[Any, Sink, FakeSTT, FakeLLM, Fa
 
 
 def test_fakes_and_provider_match_their_interfaces():
-    provider, _, stt, llm, tts, _ = make([])
-    assert verifyObject(IProvider, provider)
+    provider, sink, stt, llm, tts, _ = make([])
+    assert verifyObject(IProvider, provider) and verifyObject(IProviderEvents, sink)
     assert verifyObject(ISpeechToText, stt) and verifyObject(ILanguageModel, llm) and verifyObject(ITextToSpeech, tts)
 
 
@@ -313,7 +343,7 @@ def test_speculative_turn_is_held_until_the_turn_ends_then_released_in_order():
         provider.push_audio(bytes(320))  # the silence until the turn ends
     turn = provider.end_of_turn()
     assert turn.called, "the work was done: the answer is released at once"
-    assert [e[0] for e in sink.log if e[0] != "timing"] == ["transcript", "audio", "text", "end"]
+    assert [e[0] for e in sink.log if e[0] != "timing"] == ["work_started", "transcript", "audio", "text", "end"]
     stages = [e[1] for e in sink.log if e[0] == "timing"]
     assert stages[0] == "stt" and "llm_first_token" in stages and stages[-1] == "speculation_head_start"
     assert [t.role for t in provider.history.turns] == ["user", "assistant"]
@@ -380,6 +410,57 @@ def test_hang_up_during_a_speculation_cancels_it():
     provider.speech_ended()
     provider.close()
     assert llm.cancelled and pipeline.pending_turns == 0 and sink.log == []
+
+
+# --- the queue: the call hears when the turn's work starts, not when it was asked for ---------------
+
+
+def test_the_call_hears_the_work_started_when_transcription_leaves_the_queue():
+    provider, sink, stt, llm, tts, pipeline = make(["Nine to five."], SPECULATE="false")
+    clock = pipeline.reactor
+    stt.queued = True
+    turn = provider.end_of_turn()
+    clock.advance(3)  # other calls' turns hold the worker
+    assert sink.log == [], "waiting in the queue is not work"
+    stt.worker_free()
+    assert sink.log == [("work_started",)]
+    clock.advance(0.2)
+    assert stt.pending is not None
+    stt.pending.callback(None)
+    assert sink.log[1] == ("timing", "stt", pytest.approx(200.0)), "transcription is timed from its start"
+    llm.stream()
+    assert llm.reply is not None
+    llm.reply.callback("Nine to five.")
+    assert turn.called and sink.audio() == ["Nine to five."]
+    assert sink.log.count(("work_started",)) == 1, "once per turn: the model and the voice do not say it"
+
+
+def test_a_turn_cancelled_while_queued_never_says_its_work_started():
+    provider, sink, stt, llm, tts, _ = make(["Hi."], SPECULATE="false")
+    stt.queued = True
+    turn = provider.end_of_turn()
+    turn.addErrback(lambda f: f.trap(CancelledError))
+    turn.cancel()  # the caller went on, or the call's QUEUE_TIMEOUT ran out
+    assert stt.waiting == [], "the job left the queue"
+    assert sink.log == []
+
+
+def test_a_speculations_work_is_said_to_start_when_it_is_adopted():
+    provider, sink, stt, llm, tts, _ = make(["Hi."])
+    provider.speech_ended()  # transcription starts at the pause, held
+    assert sink.log == []
+    provider.end_of_turn()
+    assert sink.log[0] == ("work_started",), "released first, as the turn ends"
+
+
+def test_a_speculation_still_queued_when_adopted_says_so_when_it_starts():
+    provider, sink, stt, llm, tts, _ = make(["Hi."])
+    stt.queued = True  # a discarded speculation's transcription still holds the worker
+    provider.speech_ended()
+    provider.end_of_turn()
+    assert sink.log == [("timing", "speculation_head_start", 0.0)]
+    stt.worker_free()
+    assert sink.log[-1] == ("work_started",)
 
 
 def test_first_piece_is_cut_at_a_word_boundary_when_no_punctuation_comes():

@@ -252,8 +252,10 @@ def test_broken_short_window_output_is_re_run_on_the_full_window_and_counted(
     service = WhisperSTT(Clock(), LocalProviderConfig())
     jobs: list[tuple[Any, ...]] = []
 
-    def submit_timed(job: Any, *args: Any) -> Any:  # the worker pool, in this process
+    def submit_timed(job: Any, *args: Any, started: Any = None) -> Any:  # the worker pool, in this process
         jobs.append(args)
+        if started is not None:
+            started()  # a worker is free: it starts on the job at once
         return succeed(JobResult(job(*args), 0.0, 1.0, 0))
 
     service._pool = SimpleNamespace(submit_timed=submit_timed, stats=dict)  # type: ignore[assignment]
@@ -271,7 +273,14 @@ def test_broken_short_window_output_is_re_run_on_the_full_window_and_counted(
     assert stats["fallback_reasons"] == {reason: 1}
     # sound output from the short window is kept, and counted as such
     fake_whisper.short_text, fake_whisper.tokens = "We are open.", 4
-    service.transcribe(silence(3000), 8000, "en-US").addCallback(transcripts.append)
+    told: list[str] = []
+
+    def transcribed(transcript: Any) -> None:
+        told.append("transcribed")
+        transcripts.append(transcript)
+
+    service.transcribe(silence(3000), 8000, "en-US", started=lambda: told.append("started")).addCallback(transcribed)
+    assert told == ["started", "transcribed"], "the caller hears when the worker takes the job"
     assert transcripts[-1].text == "We are open." and transcripts[-1].timings["window_s"] == 10.0
     assert (service.stats()["short_window"], service.stats()["fallbacks"]) == (1, 1)
 

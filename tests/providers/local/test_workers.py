@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
+from twisted.logger import capturedLogs
 from twisted.python import threadable
 
 from twisted_agent.providers.local.workers import (
@@ -186,6 +187,36 @@ async def test_cancelling_a_queued_job_means_it_never_runs(tmp_path: Any) -> Non
         assert await workers.submit(os.path.exists, marker) is False
         stats = workers.stats()
         assert (stats["submitted"], stats["completed"], stats["cancelled"], stats["failed"]) == (3, 2, 1, 0)
+    finally:
+        await stopped(workers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_says_when_a_worker_takes_it_never_while_it_waits() -> None:
+    workers = pool()
+    try:
+        await workers.start()
+        told: list[str] = []
+        running = workers.submit(sleep_then, 0.3, "first", started=lambda: told.append("first started"))
+        running.addCallback(lambda value: told.append(f"{value} done"))
+        assert told == ["first started"], "a free worker takes it at once"
+        queued = workers.submit_timed(use_model, "second", started=lambda: told.append("second started"))
+        dropped = workers.submit(use_model, "third", started=lambda: told.append("third started"))
+        dropped.cancel()
+        assert isinstance(await failure_of(dropped), defer.CancelledError)
+        assert told == ["first started"], "the second waits behind the first"
+        second = await queued
+        assert told == ["first started", "first done", "second started"], "cancelled while waiting: never started"
+        assert second.value["echo"] == "second"
+
+        def broken() -> None:
+            raise RuntimeError("the caller's bookkeeping broke")
+
+        with capturedLogs() as events:
+            result = await workers.submit(use_model, "fourth", started=broken)
+        assert result["echo"] == "fourth", "the job ran all the same"
+        assert [e["log_failure"].getErrorMessage() for e in events if "log_failure" in e] == [
+            "the caller's bookkeeping broke"]
     finally:
         await stopped(workers)
 

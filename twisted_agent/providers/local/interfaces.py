@@ -47,8 +47,12 @@ class ModelStatus:
 
 
 class ISpeechToText(Interface):
-    def transcribe(pcm: bytes, rate: int, language: str | None = None) -> Deferred[Transcript]:
-        """Recognise one utterance (16-bit mono PCM at ``rate``); cancellable (the result is dropped)."""
+    def transcribe(pcm: bytes, rate: int, language: str | None = None,
+                   started: Callable[[], object] | None = None) -> Deferred[Transcript]:
+        """Recognise one utterance (16-bit mono PCM at ``rate``); cancellable (the result is dropped).
+        ``started`` is called once, on the reactor thread, when the model starts on it: when a worker
+        takes it from the queue shared by every call (at once if one is free, or for a backend that
+        queues nothing); never if it is cancelled or fails before. The turn's work starts then."""
 
     def status() -> ModelStatus:
         """Whether the model is installed and loaded, cheaply."""

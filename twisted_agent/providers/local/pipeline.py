@@ -5,16 +5,19 @@ queues); one :class:`LocalProvider` per call holds the conversation. A turn runs
 coroutine: transcribe the caller's audio, stream the language model's reply, cut it at sentence
 (or, for the first piece, clause) boundaries and synthesize each piece as soon as it is complete,
 so the caller hears the first sentence while the model is still writing the rest. Cancelling the
-turn (barge-in, hang-up) stops transcription, the token stream and pending synthesis.
+turn (barge-in, hang-up) stops transcription, the token stream and pending synthesis. Under load a
+turn's transcription may wait behind other calls' turns: the call is told when it leaves the queue
+(``work_started``), so the wait counts against QUEUE_TIMEOUT and only the work against PROVIDER_TIMEOUT.
 
 **Speculation.** The engine ends the caller's turn ``TURN_END_MS`` after their last word, to be
 sure they are done; the VAD reports the pause earlier (``VAD_END_MS``). With ``SPECULATE`` on, the
-turn starts at that first pause on the audio so far, and everything it would tell the call (the
-transcript, timings, reply audio) and every change to the conversation history is held. When the
-turn ends, the held work is adopted and released at once (often the first reply audio is already
-synthesized); if the caller speaks again first, it is cancelled and forgotten, and the next pause
-starts over on the whole utterance, so a sentence with a pause in it gets one answer. While other
-calls' turns are using the shared models, no speculation starts: under load it would only add work.
+turn starts at that first pause on the audio so far, and everything it would tell the call (that
+its work started, the transcript, timings, reply audio) and every change to the conversation
+history is held. When the turn ends, the held work is adopted and released at once (often the
+first reply audio is already synthesized); if the caller speaks again first, it is cancelled and
+forgotten, and the next pause starts over on the whole utterance, so a sentence with a pause in it
+gets one answer. While other calls' turns are using the shared models, no speculation starts:
+under load it would only add work.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from zope.interface import implementer
 
 from twisted_agent.config import AgentConfig
 from twisted_agent.providers.base import ICallInfo, IProvider, IProviderFactory, ProviderError, ProviderReadiness
+from twisted_agent.providers.local.greetings import Greeting, GreetingCache, greeting_of, greetings_for
 from twisted_agent.providers.local.interfaces import ILanguageModel, ISpeechToText, ITextToSpeech, Speech
 
 
@@ -51,28 +55,46 @@ class LocalPipeline:
         self.start_error = ""
         self.reply_cache: dict[tuple[str, str], tuple[str, list[Speech]]] = {}
         self.cache_hits = 0
+        self.greetings = GreetingCache(tts)
 
     def start(self) -> Deferred[Any]:
         if self.started is None:
-            self.started = DeferredList([self.stt.start(), self.llm.start(), self.tts.start()], consumeErrors=True)
-            self.started.addCallback(self._started)
+            # fires once the models are loaded and the greetings synthesized, or the loading failed
+            self.started = Deferred()
+            loading = DeferredList([self.stt.start(), self.llm.start(), self.tts.start()], consumeErrors=True)
+            loading.addCallback(self._started).chainDeferred(self.started)
         return self.started
 
-    def _started(self, results: list[tuple[bool, Any]]) -> None:
+    def _started(self, results: list[tuple[bool, Any]]) -> Deferred[None] | None:
         problems = [str(value.value) for ok, value in results if not ok]
         self.start_error = "; ".join(problems)
         if problems:
             self.log.error("local pipeline not ready: {problems}", problems=self.start_error)
-        else:
-            self.log.info("local pipeline ready: {stt}, {llm}, {tts}", stt=self.stt.status().detail,
-                          llm=self.llm.status().detail, tts=self.tts.status().detail)
+            return None
+        greetings = greetings_for(self.config, LocalProvider.name)
+        return Deferred.fromCoroutine(self.greetings.fill(greetings)).addCallback(
+            lambda _: self.log.info("local pipeline ready: {stt}, {llm}, {tts}", stt=self.stt.status().detail,
+                                    llm=self.llm.status().detail, tts=self.tts.status().detail))
 
     def stop(self) -> Deferred[Any]:
         return DeferredList([self.stt.stop(), self.llm.stop(), self.tts.stop()], consumeErrors=True)
 
+    @property
+    def loading(self) -> bool:
+        """Started and not done yet: the models are loading (or the greetings being synthesized)."""
+        return self.started is not None and not self.started.called
+
+    def when_loaded(self) -> Deferred[None]:
+        """Fires once :meth:`start` is done, whether it succeeded or failed (at once when nothing is
+        loading); cancelling it leaves the loading alone (a held call gave up, others may not)."""
+        if self.started is None or self.started.called:
+            return succeed(None)
+        return _when_done(self.started)
+
     def readiness(self) -> ProviderReadiness:
-        if self.started is not None and not self.started.called:
-            return ProviderReadiness("local", False, "loading the models", "wait: they load at start-up")
+        if self.loading:
+            return ProviderReadiness("local", False, "loading the models", "wait: they load at start-up",
+                                     starting=True)
         statuses = [self.stt.status(), self.llm.status(), self.tts.status()]
         missing = [s for s in statuses if not s.ready]
         detail = "; ".join(s.detail for s in statuses)
@@ -170,6 +192,10 @@ class HeldEvents:
             action()
         else:
             self._held.append(action)
+
+    def work_started(self) -> None:
+        # a speculation's work that started before the turn end tells the call when it is adopted
+        self.later(self._events.work_started)
 
     def timing(self, stage: str, ms: float) -> None:
         self.later(lambda: self._events.timing(stage, ms))
@@ -279,7 +305,7 @@ class LocalProvider:
         local = self.pipeline.config.providers.local
         self.history = self._history_class(call.context.system_prompt, local.history_turns)
         if call.context.greeting:
-            self._turn = Deferred.fromCoroutine(self._say(call.context.greeting, record=True))
+            self._turn = Deferred.fromCoroutine(self._greet(greeting_of(call.context)))
             self._turn.addErrback(self._failed, "greeting")
         return succeed(None)
 
@@ -375,8 +401,17 @@ class LocalProvider:
         pipeline = self.pipeline
         local = pipeline.config.providers.local
         started = self.reactor.seconds()
+
+        def working() -> None:
+            nonlocal started
+            # transcription, the turn's first model job, left the queue it shares with other calls'
+            # turns: the turn's work starts (the call's PROVIDER_TIMEOUT counts from here, and the
+            # stt stage times the transcription, not the wait before it)
+            started = self.reactor.seconds()
+            events.work_started()
+
         try:
-            transcript = await pipeline.stt.transcribe(audio.audio, 8000, self.call.context.language)
+            transcript = await pipeline.stt.transcribe(audio.audio, 8000, self.call.context.language, started=working)
         except CancelledError:
             if audio.committed:
                 self._audio[:0] = audio.audio  # the caller went on: the next turn hears this part too
@@ -463,9 +498,20 @@ class LocalProvider:
 
         return synthesizing.addCallback(emit)
 
+    async def _greet(self, greeting: Greeting) -> None:
+        # synthesized when the pipeline started: spoken at once, the same audio a synthesis gives
+        speech = self.pipeline.greetings.speech(greeting)
+        if speech is None:
+            await self._say(greeting.text, record=True)
+        else:
+            self._spoken(f"{self.call.call_id}-{next(self._ids)}", greeting.text, speech, record=True)
+
     async def _say(self, text: str, record: bool) -> None:
         utterance_id = f"{self.call.call_id}-{next(self._ids)}"
         speech = await self.pipeline.tts.synthesize(text, self.call.context.voice or None)
+        self._spoken(utterance_id, text, speech, record)
+
+    def _spoken(self, utterance_id: str, text: str, speech: Speech, record: bool) -> None:
         if self.closed:
             return
         events = self.call.events
@@ -502,6 +548,9 @@ class LocalFactory:
 
     def readiness(self) -> ProviderReadiness:
         return self.pipeline.readiness()
+
+    def when_ready(self) -> Deferred[None]:
+        return self.pipeline.when_loaded()
 
     def create(self) -> LocalProvider:
         readiness = self.pipeline.readiness()

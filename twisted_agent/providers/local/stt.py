@@ -52,6 +52,7 @@ import sys
 import time
 import types
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -450,25 +451,26 @@ class WhisperSTT:
             return succeed(None)
         return pool.stop()
 
-    def transcribe(self, pcm: bytes, rate: int, language: str | None = None) -> Deferred[Transcript]:
+    def transcribe(self, pcm: bytes, rate: int, language: str | None = None,
+                   started: Callable[[], object] | None = None) -> Deferred[Transcript]:
         if len(pcm) % 2:
             return fail(ValueError(f"16-bit PCM must have an even number of bytes, got {len(pcm)}"))
         try:
             pool = self._get_pool()
         except Exception:
             return fail()
-        started = self._reactor.seconds()
+        asked = self._reactor.seconds()
         job = pool.submit_timed(recognise, pcm, rate, call_language(language), self.min_voiced_ms,
-                               self.config.stt_window)
+                                self.config.stt_window, started=started)
         # a bound for the caller; a worker stuck past it stays busy (and counted) until it returns
         job.addTimeout(self.timeout, self._reactor)
-        return job.addCallback(self._transcript, started)
+        return job.addCallback(self._transcript, asked)
 
-    def _transcript(self, result: JobResult, started: float) -> Transcript:
+    def _transcript(self, result: JobResult, asked: float) -> Transcript:
         recognition: Recognition = result.value
         verdict = judge(recognition, self.min_voiced_ms)
         timings = dict(recognition.timings, queue_ms=result.queued_ms, worker_ms=result.run_ms,
-                       total_ms=round((self._reactor.seconds() - started) * 1000, 2))
+                       total_ms=round((self._reactor.seconds() - asked) * 1000, 2))
         self.transcribed += 1
         if recognition.ran_model:
             if recognition.timings.get("window_s", FULL_WINDOW) < FULL_WINDOW:

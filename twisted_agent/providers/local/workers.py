@@ -14,6 +14,8 @@ thread would stall the reactor's 20 ms media pacing; a worker *process* at a low
   at once with :class:`WorkerBusy`, which the caller turns into "too busy";
 * cancelling a job's Deferred removes it from the queue, or, once a worker runs it, drops its
   result (the worker finishes the job: a process cannot be interrupted mid-inference safely);
+* a job may say when it leaves the queue (``started=``: the moment a free worker gets it, which is
+  how a turn tells the call that its work runs, rather than waits behind other calls' turns);
 * a worker that dies (a crash, the OOM killer) breaks the executor: the jobs it held fail with
   :class:`WorkerCrashed`, and the next job starts a fresh executor (counted in ``restarts``);
 * an ``initializer`` that raises does not break the executor: the worker keeps the error and
@@ -152,13 +154,15 @@ def _warm_up(timeout: float) -> WorkerInfo:
 
 
 class _Job:
-    __slots__ = ("args", "cancelled", "deferred", "executor", "fn", "internal", "submitted")
+    __slots__ = ("args", "cancelled", "deferred", "executor", "fn", "internal", "started", "submitted")
 
     def __init__(self, fn: Callable[..., Any], args: Sequence[Any], internal: bool = False,
-                 canceller: Callable[[_Job], None] | None = None) -> None:
+                 canceller: Callable[[_Job], None] | None = None,
+                 started: Callable[[], object] | None = None) -> None:
         self.fn = fn
         self.args = args
         self.internal = internal  # a warm-up job: not counted in the job counters
+        self.started = started  # told when a worker gets the job
         self.submitted = time.monotonic()
         self.cancelled = False
         self.executor: ProcessPoolExecutor | None = None
@@ -238,15 +242,18 @@ class WorkerPool:
             "rejected": self.rejected, "crashed": self.crashed, "restarts": self.restarts,
         }
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    def submit(self, fn: Callable[..., Any], *args: Any, started: Callable[[], object] | None = None) -> Deferred[Any]:
         """Run ``fn(*args)`` in a worker; the Deferred fires on the reactor thread with its result.
 
         Fails at once with :class:`WorkerBusy` when ``max_pending`` jobs already wait. Cancelling
-        the Deferred cancels a waiting job or drops the result of a running one.
+        the Deferred cancels a waiting job or drops the result of a running one. ``started`` is
+        called (on the reactor thread, once) when a worker gets the job: at once, within this call,
+        if one is free; never for a job cancelled, refused or failed while it waits.
         """
-        return self.submit_timed(fn, *args).addCallback(lambda result: result.value)
+        return self.submit_timed(fn, *args, started=started).addCallback(lambda result: result.value)
 
-    def submit_timed(self, fn: Callable[..., Any], *args: Any) -> Deferred[JobResult]:
+    def submit_timed(self, fn: Callable[..., Any], *args: Any,
+                     started: Callable[[], object] | None = None) -> Deferred[JobResult]:
         """:meth:`submit`, firing with a :class:`JobResult` (the value, its queue and run times)."""
         if self._stopped:
             return fail(PoolStopped(f"the {self.name} worker pool is stopped"))
@@ -255,7 +262,7 @@ class WorkerPool:
             self.rejected += 1
             return fail(WorkerBusy(
                 f"all {self.size} {self.name} worker(s) are busy and {waiting} job(s) already wait"))
-        job = _Job(fn, args, canceller=self._cancel)
+        job = _Job(fn, args, canceller=self._cancel, started=started)
         self.submitted += 1
         self._queue.append(job)
         self._dispatch()
@@ -361,6 +368,15 @@ class WorkerPool:
             job.executor = executor
             self._running.add(job)
             future.add_done_callback(partial(self._done_in_thread, job))
+            if job.started is not None:
+                self._tell_started(job.started)
+
+    def _tell_started(self, started: Callable[[], object]) -> None:
+        try:
+            started()
+        except Exception:
+            # the caller's bookkeeping, not the job's: the job runs, the queue goes on
+            self.log.failure("{name} pool: a job's start callback failed", name=self.name)
 
     def _done_in_thread(self, job: _Job, future: Future[Any]) -> None:
         # called on the executor's management thread (or on ours if the future was already done)

@@ -102,6 +102,9 @@
     data.turns.forEach(function (turn, index) {
       var section = el("section", "turn");
       section.appendChild(el("h3", "", "Turn " + (index + 1)));
+      if (turn.failed) {
+        section.appendChild(el("p", "failed", "No answer: the caller heard the apology; " + turn.failed + "."));
+      }
       var table = el("table", "stages");
       turn.bars.forEach(function (bar) {
         var row = el("tr");
