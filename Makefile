@@ -21,6 +21,10 @@ TEST_MODELS := smollm2-135m
 # by the tests on a free loopback port) and headless Chromium with its WebDriver (admin UI test).
 DEMO_PACKAGES := build-essential:g++ cmake:cmake
 TEST_PACKAGES := espeak-ng:espeak-ng sox:sox redis-server:redis-server chromium:chromium chromium-driver:chromedriver
+# The runtime libraries of the real Asterisk 22 the tests in tests/asterisk/ run (AST_PREFIX, default
+# ../shared/asterisk; its README lists them), as package:library.
+ASTERISK_LIBRARIES := libjansson4:libjansson.so.4 libxml2:libxml2.so.2 libxslt1.1:libxslt.so.1 \
+	libsqlite3-0:libsqlite3.so.0 libedit2:libedit.so.2 libssl3:libssl.so.3 libuuid1:libuuid.so.1
 
 .PHONY: install install-local demo-deps test-deps apt-packages test demo bench lint clean
 
@@ -51,10 +55,14 @@ demo-deps:
 
 test-deps:
 	@$(MAKE) --no-print-directory apt-packages PACKAGES="$(TEST_PACKAGES)" WHAT="some tests, which will be skipped (they fail under CI=true)"
+	@$(MAKE) --no-print-directory apt-packages PACKAGES="$(ASTERISK_LIBRARIES)" CHECK=library WHAT="the tests with a real Asterisk (tests/asterisk), which will be skipped (they fail under CI=true)"
 
-# Installs the missing PACKAGES as root; otherwise names them.
+# Installs the missing PACKAGES (package:command, or package:library with CHECK=library) as root;
+# otherwise names them.
 apt-packages:
-	@missing=""; for pair in $(PACKAGES); do command -v $${pair#*:} >/dev/null || missing="$$missing $${pair%%:*}"; done; \
+	@missing=""; for pair in $(PACKAGES); do \
+	  if [ "$(CHECK)" = library ]; then /sbin/ldconfig -p | grep -q "$${pair#*:} " || missing="$$missing $${pair%%:*}"; \
+	  else command -v $${pair#*:} >/dev/null || missing="$$missing $${pair%%:*}"; fi; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing$$missing"; \
@@ -66,7 +74,10 @@ apt-packages:
 
 test: install-local $(DEV_STAMP) test-deps
 	$(BIN)/ai-agent models install --no-libraries --only $(TEST_MODELS) --models-dir $(MODELS)
-	AI_AGENT_TEST_MODELS=$(MODELS) $(BIN)/python -m pytest
+	AI_AGENT_TEST_MODELS=$(MODELS) $(BIN)/python -m pytest --ignore=tests/asterisk
+	@echo "== tests/asterisk: whole calls through a real Asterisk (AST_PREFIX, default ../shared/asterisk)"
+	@t0=$$(date +%s); AI_AGENT_TEST_MODELS=$(MODELS) $(BIN)/python -m pytest tests/asterisk; \
+	  status=$$?; echo "== tests/asterisk: $$(( $$(date +%s) - t0 )) s"; exit $$status
 
 # A whole call through the real models: Whisper tiny.en, Qwen2.5-Coder-0.5B (embedded llama.cpp,
 # unless Ollama answers at OLLAMA_HOST) and the Piper voice, from $(MODELS).
