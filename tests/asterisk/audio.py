@@ -88,10 +88,6 @@ def find_sentence(words: list[Sound], text: str, tolerance_hz: float = 6.0) -> l
             if all(abs(words[i + k].hz - hz) <= tolerance_hz for k, hz in enumerate(want))]
 
 
-def heard_sentence(words: list[Sound], text: str) -> bool:
-    return bool(find_sentence(words, text))
-
-
 def prefix_heard(words: list[Sound], text: str, tolerance_hz: float = 6.0) -> int:
     """How many words of ``text`` were heard, from its first word on (0: not even the first)."""
     want = [word_hz(w) for w in text.split()]

@@ -80,21 +80,26 @@ exten => s,1,NoOp(caller ${{REC}}: ${{SCRIPT}})
 LOCAL_CHANNEL_LOSS_DB = 6.0
 
 
-def write_clips(directory: Path) -> dict[str, float]:
-    """The caller's clips as 8 kHz signed-linear files (``.sln``); their lengths in seconds."""
-    from tests.media.speech import gain, require_speech_tools, speech
+def clips() -> dict[str, bytes]:
+    """The caller's clips (8 kHz s16le) at the level they were made at: :data:`CLIPS` and :data:`CUTS`."""
+    from tests.media.speech import require_speech_tools, speech
     from twisted_agent.demo import question_clip
 
     require_speech_tools()
-    directory.mkdir(parents=True, exist_ok=True)
     made = {name: speech(text, telephone=True) for name, text in CLIPS.items()}
     made.update({name: question_clip()[start:end] for name, (start, end) in CUTS.items()})
-    lengths = {}
-    for name, pcm in made.items():
+    return made
+
+
+def write_clips(directory: Path) -> None:
+    """The clips as signed-linear files (``.sln``) for the dialplan to play: each made up for the
+    Local channel's loss, and ``<clip>-soft`` without the make-up."""
+    from tests.media.speech import gain
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, pcm in clips().items():
         (directory / f"{name}.sln").write_bytes(gain(pcm, LOCAL_CHANNEL_LOSS_DB))
         (directory / f"{name}-soft.sln").write_bytes(pcm)
-        lengths[name] = len(pcm) / 2 / audio.RATE
-    return lengths
 
 
 # --- the engine ---------------------------------------------------------------------------------
@@ -181,12 +186,6 @@ class Engine:
         except OSError:
             return ""
 
-    def metrics(self) -> str:
-        import urllib.request
-
-        with urllib.request.urlopen(self.health_url + "/metrics", timeout=5) as response:
-            return str(response.read().decode())
-
     def reply_files(self) -> list[str]:
         """Reply files left in MEDIA_DIR (the apology, kept on purpose, is not one)."""
         from twisted_agent.calls.playback import FILE_PREFIX
@@ -243,13 +242,6 @@ class Caller:
 
     def said(self) -> np.ndarray:
         return audio.read(self.path("said"))
-
-    def hangup(self) -> None:
-        try:
-            self.asterisk.ari("DELETE", f"/channels/{self.channel_id}")
-        except urllib.error.HTTPError as e:
-            if e.code != 404:
-                raise
 
 
 def call(asterisk: Asterisk, script: str, **variables: str) -> Caller:

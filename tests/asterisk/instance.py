@@ -104,7 +104,6 @@ class Asterisk:
     root: Path = field(default_factory=check)
     ari_user: str = "tests"
     ari_password: str = "tests-password"
-    talk_detect: bool = True
     process: subprocess.Popen[bytes] | None = None
     version: str = ""
 

@@ -24,18 +24,17 @@ from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
-from tests.asterisk.harness import CLIPS, CUTS, LOCAL_CHANNEL_LOSS_DB
+from tests.asterisk import harness
+from tests.asterisk.harness import LOCAL_CHANNEL_LOSS_DB
 from tests.asterisk.instance import ROOT
 from twisted_agent.media.interfaces import SAMPLE_RATE
 
 
 def clips() -> dict[str, bytes]:
     """The clips as the agent gets them from a real Asterisk's Local channel (harness.write_clips)."""
-    from tests.media.speech import gain, speech
-    from twisted_agent.demo import question_clip
+    from tests.media.speech import gain
 
-    found = {name: speech(text, telephone=True) for name, text in CLIPS.items()}
-    found.update({name: question_clip()[start:end] for name, (start, end) in CUTS.items()})
+    found = harness.clips()
     found.update({f"{name}-soft": gain(pcm, -LOCAL_CHANNEL_LOSS_DB) for name, pcm in list(found.items())})
     return found
 
